@@ -1,0 +1,38 @@
+# The README's two commands: `make train` and `make test`.
+# Both create the project virtual environment (.venv) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test setup bench bench-smoke compile-check tune clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-tested.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-tested.txt
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) examples/train_mnist.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_digitcaps.py $(ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/bench_digitcaps.py --smoke $(ARGS)
+
+compile-check: $(STAMP)
+	$(PY) -m capstriton.kernels.compile_check $(ARGS)
+
+tune: $(STAMP)
+	$(PY) -m capstriton.tune $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""capstriton: Triton GPU kernels for capsule networks.
+
+Public API::
+
+    squash, caps_transform, dynamic_routing, transform_route, margin_loss,
+    PrimaryCaps, DigitCaps, CapsNet
+
+Each op takes ``backend="auto" | "torch" | "triton"``: "torch" is the plain-PyTorch
+reference (``capstriton.reference``), "triton" the kernels (``capstriton.kernels``), and
+"auto" picks triton for CUDA tensors or under TRITON_INTERPRET=1, torch otherwise.
+"""
+from .loss import margin_loss, reconstruction_loss
+from .squash import squash
+from .transform import caps_transform
+from .routing import dynamic_routing
+from .transform_route import transform_route
+from .layers import DigitCaps, PrimaryCaps
+from .model import CapsNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "squash", "caps_transform", "dynamic_routing", "transform_route", "margin_loss",
+    "reconstruction_loss", "PrimaryCaps", "DigitCaps", "CapsNet", "__version__",
+]

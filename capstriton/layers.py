@@ -1,0 +1,63 @@
+"""Capsule layers: PrimaryCaps (convolutional capsules) and DigitCaps (transform + routing)."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ._backend import BACKENDS
+from ._validation import check_iterations
+from .squash import squash
+from .transform_route import transform_route
+
+
+class PrimaryCaps(nn.Module):
+    """Conv2d producing num_caps capsule types of caps_dim each per position, squashed.
+
+    (B, in_channels, H, W) -> (B, num_caps * H' * W', caps_dim); capsules are ordered
+    (type, row, column), e.g. 32 x 6 x 6 = 1152 for MNIST.
+    """
+
+    def __init__(self, in_channels: int = 256, num_caps: int = 32, caps_dim: int = 8, kernel_size: int = 9,
+                 stride: int = 2, backend: str = "auto"):
+        super().__init__()
+        self.num_caps, self.caps_dim, self.backend = num_caps, caps_dim, backend
+        self.conv = nn.Conv2d(in_channels, num_caps * caps_dim, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        u = rearrange(out, "b (n d) h w -> b (n h w) d", n=self.num_caps, d=self.caps_dim)
+        return squash(u, dim=-1, backend=self.backend)
+
+
+class DigitCaps(nn.Module):
+    """Fully connected capsule layer with dynamic routing (Sabour et al. 2017).
+
+    Each input capsule i has its own learned matrix W[i, j] per output capsule j
+    (``weight`` has shape (in_caps, out_caps, out_dim, in_dim)); routing-by-agreement runs
+    ``iterations`` times.  On the triton backend u_hat = W u is never materialized.
+
+    forward(u (B, in_caps, in_dim)) -> v (B, out_caps, out_dim)
+    """
+
+    def __init__(self, in_caps: int = 1152, in_dim: int = 8, out_caps: int = 10, out_dim: int = 16,
+                 iterations: int = 3, detach: bool = False, backend: str = "auto", init_std: float = 0.01):
+        super().__init__()
+        check_iterations(iterations)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for name, value in (("in_caps", in_caps), ("in_dim", in_dim), ("out_caps", out_caps), ("out_dim", out_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
+        self.iterations, self.detach, self.backend = iterations, detach, backend
+        self.weight = nn.Parameter(init_std * torch.randn(in_caps, out_caps, out_dim, in_dim))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return transform_route(u, self.weight, iterations=self.iterations, detach=self.detach,
+                               backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
+                f"out_dim={self.out_dim}, iterations={self.iterations}, detach={self.detach}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,56 @@
+"""Plain-PyTorch reference for every capstriton op.
+
+This is the CPU path (``backend="torch"``) and the oracle that the Triton kernels are
+tested against (run in float64).  It is written for clarity, not speed: it materializes
+the prediction vectors ``u_hat`` and keeps the routing logits ``b``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "squash_ref",
+    "caps_transform_ref",
+    "dynamic_routing_ref",
+    "transform_route_ref",
+]
+
+
+def squash_ref(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """v = x * |x|^2 / ((1 + |x|^2) * sqrt(|x|^2 + eps)); finite (with finite grads) at x = 0."""
+    sq_norm = (x * x).sum(dim=dim, keepdim=True)
+    # n/(1+n) and 1/sqrt(n+eps) separately: no intermediate overflows for large |x|.
+    return x * (sq_norm / (1.0 + sq_norm)) / torch.sqrt(sq_norm + eps)
+
+
+def caps_transform_ref(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """u (B, I, Din), W (I, J, Dout, Din) -> u_hat (B, I, J, Dout) with u_hat[b,i,j] = W[i,j] @ u[b,i]."""
+    return torch.einsum("ijdk,bik->bijd", W, u)
+
+
+def dynamic_routing_ref(u_hat: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
+    """Procedure 1 of Sabour et al. (2017): routing-by-agreement.
+
+    u_hat (B, I, J, D) -> v (B, J, D).  The coupling coefficients c are a softmax over the
+    OUTPUT capsules j.  With ``detach=True`` the logits are computed from ``u_hat.detach()``,
+    so gradients reach ``u_hat`` only through the last iteration's weighted sum.
+    """
+    B, I, J, _ = u_hat.shape
+    u_hat_for_logits = u_hat.detach() if detach else u_hat
+    b = u_hat.new_zeros(B, I, J)
+    v = None
+    for it in range(iterations):
+        c = torch.softmax(b, dim=2)  # over output capsules j
+        last = it == iterations - 1
+        source = u_hat if (last or not detach) else u_hat_for_logits
+        s = (c.unsqueeze(-1) * source).sum(dim=1)  # (B, J, D)
+        v = squash_ref(s, dim=-1)
+        if not last:
+            v_for_logits = v.detach() if detach else v
+            b = b + (u_hat_for_logits * v_for_logits.unsqueeze(1)).sum(dim=-1)
+    return v
+
+
+def transform_route_ref(u: torch.Tensor, W: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
+    """dynamic_routing_ref(caps_transform_ref(u, W))."""
+    return dynamic_routing_ref(caps_transform_ref(u, W), iterations=iterations, detach=detach)

@@ -1,0 +1,49 @@
+"""Helpers shared by the launchers: output allocation, precision switches, autotune lists."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs.  With CAPSTRITON_POISON_OUTPUTS=1 (the test suite sets
+    it) outputs are filled with NaN first, so an element a kernel forgets to write shows up."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if os.environ.get("CAPSTRITON_POISON_OUTPUTS", "0") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands, following torch's switch: true fp32 ("ieee")
+    unless torch.get_float32_matmul_precision() allows TF32."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The interpreter (and the test suite) runs a single config: no benchmarking on the CPU."""
+    if interpreter_enabled() or os.environ.get("CAPSTRITON_SINGLE_CONFIG", "0") == "1":
+        return configs[:1]
+    return configs
+
+
+def autotune_cache_kwargs() -> dict:
+    """Persist autotune results in triton's on-disk cache where the installed triton can."""
+    import inspect
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters and not interpreter_enabled():
+        return {"cache_results": True}
+    return {}
+
+
+def batch_bucket(B: int) -> int:
+    """Autotune key for the batch: next power of two, so every batch size does not retune."""
+    return triton.next_power_of_2(max(int(B), 1))

@@ -1,0 +1,98 @@
+"""Squash kernels: v = x * n / ((1 + n) * sqrt(n + eps)), n = |x|^2, over the last dim.
+
+Forward and backward; one program per block of rows, statistics in fp32.
+
+Backward: with f(n) = n / ((1 + n) sqrt(n + eps)), v = f(n) x and
+    dv/dx = f I + 2 f'(n) x x^T,   f'(n) = ((n + eps) - n (1 + n) / 2) / ((1 + n)^2 (n + eps)^(3/2)),
+so grad_x = f grad_v + 2 f'(n) (x . grad_v) x.  Both f and f' are finite at n = 0 for eps > 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import empty
+
+
+@triton.jit
+def _squash_scale(sq_norm, eps):
+    """f(n) and f'(n) of the module docstring, in fp32, arranged so that no intermediate
+    overflows for large n: f = n/(1+n) * rsqrt(n+eps), f' = rsqrt(n+eps)/(1+n) *
+    (1/(1+n) - n/(2(n+eps)))."""
+    inv_root = 1.0 / tl.sqrt(sq_norm + eps)
+    inv_one_plus = 1.0 / (1.0 + sq_norm)
+    f = sq_norm * inv_one_plus * inv_root
+    df = inv_root * inv_one_plus * (inv_one_plus - 0.5 * sq_norm / (sq_norm + eps))
+    return f, df
+
+
+@triton.jit
+def squash_fwd_kernel(
+    x_ptr,            # (R, D) input rows, contiguous
+    y_ptr,            # (R, D) output rows, same dtype as x
+    R,                # number of rows
+    D,                # row length (capsule dimension)
+    eps,              # fp32 epsilon inside the square root
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    f, _ = _squash_scale(tl.sum(x * x, axis=1), eps)
+    tl.store(y_ptr + offs, (x * f[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def squash_bwd_kernel(
+    x_ptr,            # (R, D) forward input
+    dy_ptr,           # (R, D) gradient of the output
+    dx_ptr,           # (R, D) gradient of the input (written)
+    R,                # number of rows
+    D,                # row length
+    eps,              # fp32 epsilon
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    f, df = _squash_scale(tl.sum(x * x, axis=1), eps)
+    x_dot_dy = tl.sum(x * dy, axis=1)
+    dx = f[:, None] * dy + (2.0 * df * x_dot_dy)[:, None] * x
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_params(D: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps): about 4K elements per program."""
+    block_d = triton.next_power_of_2(D)
+    block_r = max(1, min(256, 4096 // block_d))
+    return block_r, block_d, 4
+
+
+def squash_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) contiguous -> squash over the last dim, same dtype."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    y = empty(*x.shape, dtype=x.dtype, device=x.device)
+    block_r, block_d, warps = _launch_params(D)
+    squash_fwd_kernel[(triton.cdiv(R, block_r),)](x, y, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                  num_warps=warps)
+    return y
+
+
+def squash_bwd(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient of squash_fwd with respect to x, given dy (same shape as x, contiguous)."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    dx = empty(*x.shape, dtype=x.dtype, device=x.device)
+    block_r, block_d, warps = _launch_params(D)
+    squash_bwd_kernel[(triton.cdiv(R, block_r),)](x, dy, dx, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                  num_warps=warps)
+    return dx
