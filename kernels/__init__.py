@@ -5,3 +5,6 @@ Installed as ``capstriton.kernels``; the autograd wrappers live in ``capstriton`
 from .squash import squash_bwd, squash_fwd
 
 __all__ = ["squash_fwd", "squash_bwd"]
+from .routing import dynamic_routing_bwd, dynamic_routing_fwd, transform_route_bwd, transform_route_fwd
+
+__all__ += ["dynamic_routing_fwd", "dynamic_routing_bwd", "transform_route_fwd", "transform_route_bwd"]

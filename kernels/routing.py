@@ -1,0 +1,475 @@
+"""Dynamic routing kernels (routing-by-agreement, Sabour et al. 2017, Procedure 1).
+
+One set of kernels serves two ops, switched by the constexpr FUSED:
+  * dynamic_routing: the prediction vectors u_hat (B, I, J, D) are read from memory;
+  * transform_route: u_hat[b, i, j] = W[i, j] @ u[b, i] is recomputed on the fly from
+    u (B, I, Din) and W (I, J, D, Din) in every pass, so no B*I*J*D tensor ever exists.
+
+Forward (per sample; r iterations).  The logits b are never stored: b starts at 0 and only
+accumulates agreements, so with V^t = v^1 + ... + v^t (V^0 = 0)
+
+    b^t_ij = u_ij . V^{t-1}_j,   c^t_ij = softmax_j(b^t_ij),   s^t_j = sum_i c^t_ij u_ij,
+    v^t = squash(s^t),           V^t = V^{t-1} + v^t,           output v^r.
+
+Each iteration is ONE streaming pass over i (`routing_pass_kernel`): programs split the batch
+into blocks of BLOCK_B samples and the input capsules into chunks, and write partial sums of
+s^t; `routing_fwd_finish_kernel` reduces the partials, squashes, and updates V.  Saved for the
+backward: s^t and V^{t-1} for every t, (r, B, J, D) each, tiny.
+
+Backward.  With g^t = dL/dv^t, G^t = dL/dV^t (G^r = 0; V^r is never used):
+    g^r = dL/dv (given),  g^t = G^t for t < r           (V^t = V^{t-1} + v^t)
+    gs^t = squash'(s^t)^T g^t
+    gc^t_ij = u_ij . gs^t_j                              (s^t = sum_i c^t_ij u_ij)
+    gb^t_ij = c^t_ij (gc^t_ij - sum_k c^t_ik gc^t_ik)   (softmax over j)
+    G^{t-1}_j = G^t_j + sum_i gb^t_ij u_ij               (b^t_ij = u_ij . V^{t-1}_j, t >= 2)
+    dL/du_ij = sum_t [ c^t_ij gs^t_j + gb^t_ij V^{t-1}_j ]
+So for t = r .. 2 one reduction pass (`routing_pass_kernel`, BACKWARD=True) produces
+sum_i gb^t u for G^{t-1}, and `routing_bwd_finish_kernel` turns it into gs^{t-1}; then one
+final pass (`routing_grad_kernel`) recomputes c^t and gb^t for every t and writes dL/du_hat
+(unfused) or, fused, dL/du = sum_j W^T dL/du_hat and per-group partial sums of
+dL/dW = sum_b dL/du_hat (x) u, reduced over the fixed number of groups by
+`sum_partials_kernel` (deterministic, no atomics).
+With detach=True the logits do not depend on u_hat, so dL/du_ij = c^r_ij gs^r_j: no
+reduction passes, only the final pass with t = r.
+
+All statistics are fp32; inputs may be fp32, fp16 or bf16; results are cast to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, interpreter_enabled
+from .squash import _squash_scale
+
+ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as capstriton.reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# tile helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs, jd_mask,
+                     FUSED: tl.constexpr, BLOCK_B: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """u_hat[b, i, :, :] for a block of samples as a (BLOCK_B, BJ, BD) fp32 tile (zero padded).
+
+    Fused: outer products over the Din inputs (exact fp32 FMAs; Din is small)."""
+    if FUSED:
+        tile = tl.zeros((BLOCK_B, BJ, BD), dtype=tl.float32)
+        u_rows = u_ptr + (b_offs * I + i) * DIN       # (BLOCK_B,) pointers to u[b, i, 0]
+        w_rows = W_ptr + (i * J * D + jd_offs) * DIN   # (BJ, BD) pointers to W[i, j, d, 0]
+        for k in range(DIN):
+            u_k = tl.load(u_rows + k, mask=b_mask, other=0.0).to(tl.float32)
+            w_k = tl.load(w_rows + k, mask=jd_mask, other=0.0).to(tl.float32)
+            tile += u_k[:, None, None] * w_k[None, :, :]
+    else:
+        offs = ((b_offs * I + i) * J * D)[:, None, None] + jd_offs[None, :, :]
+        mask = b_mask[:, None, None] & jd_mask[None, :, :]
+        tile = tl.load(uhat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _coupling(uhat, V, j_mask):
+    """c_ij = softmax over output capsules j of the logits b_ij = u_hat_ij . V_j: (BLOCK_B, BJ)."""
+    logits = tl.sum(uhat * V, axis=2)
+    logits = tl.where(j_mask[None, :], logits, float("-inf"))
+    peak = tl.max(logits, axis=1)
+    e = tl.exp(logits - peak[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _softmax_grad(c, uhat, gs):
+    """gb_ij = c_ij (gc_ij - sum_k c_ik gc_ik) with gc_ij = u_hat_ij . gs_j."""
+    gc = tl.sum(uhat * gs, axis=2)
+    return c * (gc - tl.sum(c * gc, axis=1)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming pass over the input capsules (forward iteration or backward reduction)
+# ----------------------------------------------------------------------------------------------
+def _pass_configs():
+    return autotune_configs([
+        triton.Config({"BLOCK_B": 16}, num_warps=4),
+        triton.Config({"BLOCK_B": 8}, num_warps=4),
+        triton.Config({"BLOCK_B": 32}, num_warps=8),
+        triton.Config({"BLOCK_B": 16}, num_warps=8),
+    ])
+
+
+@triton.autotune(configs=_pass_configs(), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
+                 **autotune_cache_kwargs())
+@triton.jit
+def routing_pass_kernel(
+    u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
+    W_ptr,            # (I, J, D, DIN) transform matrices (FUSED) - else unused
+    uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED) - else unused
+    V_ptr,            # (B, J, D) fp32: V^{t-1}, the sum of earlier outputs (logits = u_hat . V)
+    gs_ptr,           # (B, J, D) fp32: gs^t (BACKWARD only)
+    part_ptr,         # (n_chunks, B, J, D) fp32 out: this chunk's partial sum over its capsules
+    B, I, J, D, DIN,  # sizes
+    caps_per_chunk,   # input capsules per program along grid axis 1
+    B_BUCKET,         # autotune key: batch rounded up to a power of two
+    FIRST: tl.constexpr,     # forward iteration 1: V = 0, so c = 1/J (no logits needed)
+    BACKWARD: tl.constexpr,  # False: sum_i c_ij u_hat_ij; True: sum_i gb_ij u_hat_ij
+    FUSED: tl.constexpr,
+    BLOCK_B: tl.constexpr,   # samples per program
+    BJ: tl.constexpr,        # next power of two >= J
+    BD: tl.constexpr,        # next power of two >= D
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    b_offs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b_offs < B
+    j_offs = tl.arange(0, BJ)
+    d_offs = tl.arange(0, BD)
+    j_mask = j_offs < J
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = j_mask[:, None] & (d_offs[None, :] < D)
+    bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
+    tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
+
+    if not FIRST:
+        V = tl.load(V_ptr + bjd_offs, mask=tile_mask, other=0.0)
+    if BACKWARD:
+        gs = tl.load(gs_ptr + bjd_offs, mask=tile_mask, other=0.0)
+    acc = tl.zeros((BLOCK_B, BJ, BD), dtype=tl.float32)
+    i_start = chunk * caps_per_chunk
+    i_end = tl.minimum(i_start + caps_per_chunk, I)
+    for i in range(i_start, i_end):
+        uhat = _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs, jd_mask,
+                                FUSED, BLOCK_B, BJ, BD)
+        if FIRST:
+            acc += uhat
+        else:
+            c = _coupling(uhat, V, j_mask)
+            if BACKWARD:
+                c = _softmax_grad(c, uhat, gs)
+            acc += c[:, :, None] * uhat
+    if FIRST:
+        acc = acc / J
+    tl.store(part_ptr + chunk * B * J * D + bjd_offs, acc, mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-iteration finishing kernels: reduce the chunk partials, squash / squash backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def routing_fwd_finish_kernel(
+    part_ptr,         # (n_chunks, B, J, D) fp32 partial sums of s^t
+    n_chunks,         # number of partials
+    s_ptr,            # (B, J, D) fp32 out: s^t (saved for backward)
+    V_prev_ptr,       # (B, J, D) fp32: V^{t-1}
+    V_next_ptr,       # (B, J, D) fp32 out: V^t = V^{t-1} + v^t (unless LAST)
+    v_ptr,            # (B, J, D) out, input dtype: v^r (LAST only)
+    B, J, D,
+    eps,              # squash epsilon
+    FIRST: tl.constexpr,  # V^{t-1} = 0
+    LAST: tl.constexpr,   # t = r: write the output instead of V^t
+    BJ: tl.constexpr,
+    BD: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    j_offs = tl.arange(0, BJ)
+    d_offs = tl.arange(0, BD)
+    mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    offs = b * J * D + j_offs[:, None] * D + d_offs[None, :]
+    s = tl.zeros((BJ, BD), dtype=tl.float32)
+    for p in range(n_chunks):
+        s += tl.load(part_ptr + p * B * J * D + offs, mask=mask, other=0.0)
+    tl.store(s_ptr + offs, s, mask=mask)
+    f, _ = _squash_scale(tl.sum(s * s, axis=1), eps)
+    v = s * f[:, None]
+    if LAST:
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    else:
+        if not FIRST:
+            v += tl.load(V_prev_ptr + offs, mask=mask, other=0.0)
+        tl.store(V_next_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def routing_bwd_finish_kernel(
+    part_ptr,         # (n_chunks, B, J, D) fp32 partials of sum_i gb^{t+1} u_hat (HAS_PARTS)
+    n_chunks,
+    G_ptr,            # (B, J, D) fp32 in/out: running G = dL/dV; holds G^{t+1} in, G^t out
+    grad_v_ptr,       # (B, J, D) dL/dv^r, any float dtype (LAST only)
+    s_ptr,            # (B, J, D) fp32: s^t
+    gs_ptr,           # (B, J, D) fp32 out: gs^t = squash'(s^t)^T dL/dv^t
+    B, J, D,
+    eps,
+    HAS_PARTS: tl.constexpr,  # t < r: G^t = G^{t+1} + partials
+    ACCUMULATE: tl.constexpr,  # t < r - 1: G^{t+1} nonzero, read it from G_ptr
+    LAST: tl.constexpr,        # t = r: dL/dv^t = grad_v
+    BJ: tl.constexpr,
+    BD: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    j_offs = tl.arange(0, BJ)
+    d_offs = tl.arange(0, BD)
+    mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    offs = b * J * D + j_offs[:, None] * D + d_offs[None, :]
+    g = tl.zeros((BJ, BD), dtype=tl.float32)
+    if HAS_PARTS:
+        if ACCUMULATE:
+            g += tl.load(G_ptr + offs, mask=mask, other=0.0)
+        for p in range(n_chunks):
+            g += tl.load(part_ptr + p * B * J * D + offs, mask=mask, other=0.0)
+        tl.store(G_ptr + offs, g, mask=mask)
+    if LAST:
+        g += tl.load(grad_v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    f, df = _squash_scale(tl.sum(s * s, axis=1), eps)
+    gs = f[:, None] * g + (2.0 * df * tl.sum(s * g, axis=1))[:, None] * s
+    tl.store(gs_ptr + offs, gs, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# final backward pass: dL/du_hat (unfused) or dL/du and partial dL/dW (fused)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_mask, B, J, D, iterations,
+                          DETACH: tl.constexpr, BLOCK_B: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """dL/du_hat for one (BLOCK_B, BJ, BD) tile: sum over t of c^t gs^t + gb^t V^{t-1}."""
+    grad = tl.zeros((BLOCK_B, BJ, BD), dtype=tl.float32)
+    t_first = 0
+    if DETACH:
+        t_first = iterations - 1
+    for t in range(t_first, iterations):  # 0-based: V_all[t] = V^{t}, gs_all[t] = gs^{t+1}
+        V = tl.load(V_all_ptr + t * B * J * D + bjd_offs, mask=tile_mask, other=0.0)
+        gs = tl.load(gs_all_ptr + t * B * J * D + bjd_offs, mask=tile_mask, other=0.0)
+        c = _coupling(uhat, V, j_mask)
+        grad += c[:, :, None] * gs
+        if not DETACH:
+            gb = _softmax_grad(c, uhat, gs)
+            grad += gb[:, :, None] * V
+    return grad
+
+
+def _grad_configs():
+    return autotune_configs([
+        triton.Config({"BLOCK_B": 16}, num_warps=4),
+        triton.Config({"BLOCK_B": 16}, num_warps=8),
+        triton.Config({"BLOCK_B": 32}, num_warps=8),
+    ])
+
+
+@triton.autotune(configs=_grad_configs(), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "DETACH"],
+                 **autotune_cache_kwargs())
+@triton.jit
+def routing_grad_kernel(
+    u_ptr,            # (B, I, DIN) input capsules (FUSED)
+    W_ptr,            # (I, J, D, DIN) transform matrices (FUSED)
+    uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED)
+    V_all_ptr,        # (r, B, J, D) fp32: V^0 (= 0) .. V^{r-1}
+    gs_all_ptr,       # (r, B, J, D) fp32: gs^1 .. gs^r (only gs^r with DETACH)
+    grad_uhat_ptr,    # (B, I, J, D) out, input dtype: dL/du_hat (not FUSED)
+    grad_u_ptr,       # (B, I, DIN) out, input dtype: dL/du (FUSED)
+    grad_W_part_ptr,  # (n_groups, I, J, D, DIN) fp32 out: per-group dL/dW (FUSED)
+    B, I, J, D, DIN,
+    iterations,       # r
+    caps_per_chunk,   # input capsules per program (along axis 0 if FUSED, else axis 1)
+    n_groups,         # FUSED: batch groups along axis 1; group g takes batch blocks g, g+n_groups, ...
+    B_BUCKET,         # autotune key
+    DETACH: tl.constexpr,
+    FUSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" (true fp32) or "tf32" for the fused W^T / outer-product dots
+    BLOCK_B: tl.constexpr,
+    BJ: tl.constexpr,
+    BD: tl.constexpr,
+    BK: tl.constexpr,        # next power of two >= max(DIN, 16) (tl.dot needs 16)
+):
+    j_offs = tl.arange(0, BJ)
+    d_offs = tl.arange(0, BD)
+    j_mask = j_offs < J
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = j_mask[:, None] & (d_offs[None, :] < D)
+    if FUSED:
+        chunk = tl.program_id(0).to(tl.int64)
+        group = tl.program_id(1)
+        k_offs = tl.arange(0, BK)
+        k_mask = k_offs < DIN
+        flat = tl.arange(0, BJ * BD)  # row-major (j, d) index of a reshaped tile
+        flat_offs = (flat // BD) * D + flat % BD
+        flat_mask = ((flat // BD) < J) & ((flat % BD) < D)
+        w_mask = flat_mask[:, None] & k_mask[None, :]
+        n_blocks = tl.cdiv(B, BLOCK_B)
+        i_start = chunk * caps_per_chunk
+        i_end = tl.minimum(i_start + caps_per_chunk, I)
+        for i in range(i_start, i_end):
+            w_offs = (i * J * D + flat_offs)[:, None] * DIN + k_offs[None, :]
+            Wt = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)  # (BJ*BD, BK)
+            grad_W = tl.zeros((BJ * BD, BK), dtype=tl.float32)
+            for blk in range(group, n_blocks, n_groups):
+                b_offs = tl.arange(0, BLOCK_B).to(tl.int64) + blk * BLOCK_B
+                b_mask = b_offs < B
+                bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
+                tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
+                uhat = _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs,
+                                        jd_mask, FUSED, BLOCK_B, BJ, BD)
+                grad = _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_mask, B, J, D,
+                                             iterations, DETACH, BLOCK_B, BJ, BD)
+                grad2d = tl.reshape(grad, (BLOCK_B, BJ * BD))
+                u_offs = (b_offs * I + i)[:, None] * DIN + k_offs[None, :]
+                u_mask = b_mask[:, None] & k_mask[None, :]
+                u_tile = tl.load(u_ptr + u_offs, mask=u_mask, other=0.0).to(tl.float32)  # (BLOCK_B, BK)
+                grad_u = tl.dot(grad2d, Wt, input_precision=DOT_PRECISION)          # sum_jd g W
+                tl.store(grad_u_ptr + u_offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=u_mask)
+                grad_W += tl.dot(tl.trans(grad2d), u_tile, input_precision=DOT_PRECISION)  # sum_b g (x) u
+            tl.store(grad_W_part_ptr + group.to(tl.int64) * I * J * D * DIN + w_offs, grad_W, mask=w_mask)
+    else:
+        pid_b = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        b_offs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = b_offs < B
+        bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
+        tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
+        i_start = chunk * caps_per_chunk
+        i_end = tl.minimum(i_start + caps_per_chunk, I)
+        for i in range(i_start, i_end):
+            uhat = _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs, jd_mask,
+                                    FUSED, BLOCK_B, BJ, BD)
+            grad = _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_mask, B, J, D,
+                                         iterations, DETACH, BLOCK_B, BJ, BD)
+            offs = ((b_offs * I + i) * J * D)[:, None, None] + jd_offs[None, :, :]
+            tl.store(grad_uhat_ptr + offs, grad.to(grad_uhat_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def sum_partials_kernel(
+    part_ptr,         # (n_parts, N) fp32
+    out_ptr,          # (N,) out, output dtype
+    N, n_parts,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(n_parts):
+        acc += tl.load(part_ptr + p * N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+_SMALLEST_BLOCK_B = 8  # smallest BLOCK_B in the pass configs: sizes the chunk grid for all configs
+
+
+def _target_programs(device: torch.device) -> int:
+    """About four programs per SM; the interpreter runs programs one by one, so few there."""
+    if interpreter_enabled() or device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunking(B: int, I: int, device: torch.device) -> tuple[int, int]:
+    """(n_chunks, caps_per_chunk): split the input capsules so that the grid fills the GPU."""
+    batch_blocks = triton.cdiv(B, _SMALLEST_BLOCK_B)
+    n_chunks = max(1, min(I, triton.cdiv(_target_programs(device), batch_blocks)))
+    caps = triton.cdiv(I, n_chunks)
+    return triton.cdiv(I, caps), caps
+
+
+def _dims(J: int, D: int) -> dict:
+    return {"BJ": triton.next_power_of_2(J), "BD": triton.next_power_of_2(D)}
+
+
+def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
+    src = u if fused else u_hat
+    B, I = src.shape[0], src.shape[1]
+    J, D = (W.shape[1], W.shape[2]) if fused else (u_hat.shape[2], u_hat.shape[3])
+    din = W.shape[3] if fused else 1
+    dev = src.device
+    n_chunks, caps = _chunking(B, I, dev)
+    dims = _dims(J, D)
+    dummy = src
+    part = empty(n_chunks, B, J, D, dtype=torch.float32, device=dev)
+    s_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
+    V_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
+    V_all[0].zero_()
+    v = empty(B, J, D, dtype=src.dtype, device=dev)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
+    for t in range(iterations):
+        first, last = t == 0, t == iterations - 1
+        routing_pass_kernel[grid](
+            u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t], V_all[t], part,
+            B, I, J, D, din, caps, batch_bucket(B), FIRST=first, BACKWARD=False, FUSED=fused, **dims)
+        routing_fwd_finish_kernel[(B,)](
+            part, n_chunks, s_all[t], V_all[t], V_all[t + 1] if not last else V_all[t], v, B, J, D, ROUTING_EPS,
+            FIRST=first, LAST=last, **dims)
+    return v, s_all, V_all
+
+
+def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach: bool, fused: bool):
+    src = u if fused else u_hat
+    B, I = src.shape[0], src.shape[1]
+    J, D = s_all.shape[2], s_all.shape[3]
+    din = W.shape[3] if fused else 1
+    dev = src.device
+    n_chunks, caps = _chunking(B, I, dev)
+    dims = _dims(J, D)
+    dummy = src
+    grad_v = grad_v.contiguous()
+    gs_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
+    G = empty(B, J, D, dtype=torch.float32, device=dev)
+    part = empty(n_chunks, B, J, D, dtype=torch.float32, device=dev)
+    pass_grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
+    t_stop = iterations - 1 if detach else 0
+    for t in range(iterations - 1, t_stop - 1, -1):  # 0-based iteration index
+        has_parts = t < iterations - 1
+        if has_parts:  # partials of sum_i gb^{t+2} u_hat (1-based) for G^{t+1}
+            routing_pass_kernel[pass_grid](
+                u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t + 1],
+                gs_all[t + 1], part, B, I, J, D, din, caps, batch_bucket(B),
+                FIRST=False, BACKWARD=True, FUSED=fused, **dims)
+        routing_bwd_finish_kernel[(B,)](
+            part, n_chunks, G, grad_v, s_all[t], gs_all[t], B, J, D, ROUTING_EPS,
+            HAS_PARTS=has_parts, ACCUMULATE=t < iterations - 2, LAST=not has_parts, **dims)
+
+    if fused:
+        I_, J_, D_, K_ = W.shape
+        target = _target_programs(dev)
+        n_groups = max(1, min(8, triton.cdiv(B, 32), triton.cdiv(target, I)))
+        grad_caps = triton.cdiv(I, max(1, min(I, target)))
+        grad_u = empty(B, I, din, dtype=u.dtype, device=dev)
+        grad_W_part = empty(n_groups, I, J, D, din, dtype=torch.float32, device=dev)
+        routing_grad_kernel[(triton.cdiv(I, grad_caps), n_groups)](
+            u, W, dummy, V_all, gs_all, dummy, grad_u, grad_W_part, B, I, J, D, din, iterations, grad_caps,
+            n_groups, batch_bucket(B), DETACH=detach, FUSED=True, DOT_PRECISION=dot_precision(u.dtype),
+            BK=max(16, triton.next_power_of_2(din)), **dims)
+        if n_groups == 1 and W.dtype == torch.float32:
+            grad_W = grad_W_part[0]
+        else:
+            grad_W = empty(I, J, D, din, dtype=W.dtype, device=dev)
+            N = grad_W.numel()
+            sum_partials_kernel[(triton.cdiv(N, 1024),)](grad_W_part, grad_W, N, n_groups, BLOCK=1024)
+        return grad_u, grad_W
+    grad_uhat = empty(B, I, J, D, dtype=u_hat.dtype, device=dev)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
+    routing_grad_kernel[grid](
+        dummy, dummy, u_hat, V_all, gs_all, grad_uhat, dummy, dummy, B, I, J, D, 1, iterations, caps, 1,
+        batch_bucket(B), DETACH=detach, FUSED=False, DOT_PRECISION="ieee", BK=16, **dims)
+    return grad_uhat
+
+
+def dynamic_routing_fwd(u_hat: torch.Tensor, iterations: int):
+    """u_hat (B, I, J, D) contiguous -> (v (B, J, D) in u_hat's dtype, s_all, V_all (r, B, J, D) fp32)."""
+    return _routing_forward(None, None, u_hat, iterations, fused=False)
+
+
+def dynamic_routing_bwd(u_hat, s_all, V_all, grad_v, iterations: int, detach: bool) -> torch.Tensor:
+    """dL/du_hat from the saved per-iteration s and V and dL/dv."""
+    return _routing_backward(None, None, u_hat, s_all, V_all, grad_v, iterations, detach, fused=False)
+
+
+def transform_route_fwd(u: torch.Tensor, W: torch.Tensor, iterations: int):
+    """u (B, I, Din), W (I, J, D, Din) contiguous -> (v (B, J, D), s_all, V_all); u_hat never exists."""
+    return _routing_forward(u, W, None, iterations, fused=True)
+
+
+def transform_route_bwd(u, W, s_all, V_all, grad_v, iterations: int, detach: bool):
+    """(dL/du, dL/dW) recomputing u_hat = W u on the fly."""
+    return _routing_backward(u, W, None, s_all, V_all, grad_v, iterations, detach, fused=True)
