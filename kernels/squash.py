@@ -96,3 +96,24 @@ def squash_bwd(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
     squash_bwd_kernel[(triton.cdiv(R, block_r),)](x, dy, dx, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
                                                   num_warps=warps)
     return dx
+
+
+def _compile_cases() -> list[dict]:
+    """Launch configurations checked by ``python -m capstriton.kernels.compile_check``: forward
+    and backward in fp32 and fp16, at CapsNet's capsule sizes (primary D=8, digit D=16)."""
+    cases = []
+    for D in (8, 16):
+        block_r, block_d, warps = _launch_params(D)
+        for dt in ("fp32", "fp16"):
+            sizes = {"R": "i32", "D": "i32", "eps": "fp32"}
+            blocks = {"BLOCK_R": block_r, "BLOCK_D": block_d}
+            cases.append(dict(name=f"squash_fwd_{dt}_d{D}", fn=squash_fwd_kernel,
+                              signature={"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **sizes},
+                              constexprs=blocks, num_warps=warps, num_stages=3))
+            cases.append(dict(name=f"squash_bwd_{dt}_d{D}", fn=squash_bwd_kernel,
+                              signature={"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **sizes},
+                              constexprs=blocks, num_warps=warps, num_stages=3))
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

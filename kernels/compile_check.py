@@ -1,0 +1,269 @@
+"""Compile every kernel for sm_80 and sm_90 without a GPU and report its resource usage.
+
+    python -m capstriton.kernels.compile_check [--arch 80 90] [--jobs 2] [--json out.json]
+
+Every kernel module in this package exports ``COMPILE_CASES``, a list of dicts:
+    name        str, unique label of the case
+    fn          the @triton.jit function (an autotuned/heuristics wrapper is unwrapped)
+    signature   {arg name: triton type string}, e.g. "*fp32", "*fp16", "i32", "fp32"
+    constexprs  {arg name: value} for the tl.constexpr arguments
+    num_warps, num_stages
+Each case is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+(pointer arguments marked 16-byte aligned, as the JIT does for torch tensors), then triton's
+bundled ``ptxas -v`` is run on the PTX, with the flags triton itself uses, for registers and
+spills (triton discards that log; CompiledKernel.n_regs / n_spills need a GPU to load the
+binary).  Shared memory = triton's dynamic allocation + ptxas's static smem.
+
+Exit status: 0 when every case compiles without spills, 1 otherwise, 2 when no case is found.
+Compiling needs real @triton.jit functions, so under TRITON_INTERPRET=1 the tool re-runs itself
+in a subprocess with the variable removed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+DEFAULT_ARCHS = (80, 90)
+_SKIP_MODULES = {"compile_check"}
+
+
+def _interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_modules() -> list[str]:
+    """Names of the kernel modules of this package (private helpers and this tool excluded)."""
+    pkg = importlib.import_module(__package__ or "capstriton.kernels")
+    return sorted(f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
+                  if not m.name.startswith("_") and m.name not in _SKIP_MODULES)
+
+
+def collect_cases() -> tuple[list[tuple[str, int, dict]], dict[str, str]]:
+    """([(module, index, case)], {module: import error}).  Modules without COMPILE_CASES are skipped."""
+    cases, errors = [], {}
+    for name in kernel_modules():
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # a broken module is reported, not hidden
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        for idx, case in enumerate(getattr(mod, "COMPILE_CASES", None) or []):
+            cases.append((name, idx, case))
+    return cases, errors
+
+
+def _jit_function(fn):
+    """Unwrap triton.autotune / triton.heuristics wrappers down to the JITFunction."""
+    from triton.runtime.jit import JITFunction
+
+    seen = 0
+    while not isinstance(fn, JITFunction):
+        if not hasattr(fn, "fn") or seen > 8:
+            raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}"
+                            + (" (TRITON_INTERPRET is set)" if _interpreter_enabled() else ""))
+        fn, seen = fn.fn, seen + 1
+    return fn
+
+
+def _ast_source(fn, signature: dict, constexprs: dict):
+    """ASTSource for the installed triton: constexpr arguments appear in the signature as
+    "constexpr" and pointers carry the 16-byte divisibility attribute (triton >= 3.2 layout)."""
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for k in constexprs:
+        sig.setdefault(k, "constexpr")
+    missing = [a for a in fn.arg_names if a not in sig]
+    if missing:
+        raise ValueError(f"signature misses arguments {missing} of {fn.__name__}")
+    params = inspect.signature(ASTSource.__init__).parameters
+    kwargs = {}
+    if "attrs" in params:
+        attrs = {}
+        try:
+            from triton.backends.compiler import BaseBackend
+
+            aligned = BaseBackend.parse_attr("D")
+            attrs = {(fn.arg_names.index(k),): aligned for k, v in sig.items() if v.startswith("*")}
+        except (ImportError, AttributeError, AssertionError):
+            pass  # older attribute layout: compile without alignment hints
+        kwargs["attrs"] = attrs
+    if "constexprs" in params:
+        kwargs["constexprs"] = dict(constexprs)
+    else:  # triton < 3.2 named it `constants`
+        kwargs["constants"] = dict(constexprs)
+    return ASTSource(fn, sig, **kwargs)
+
+
+def _ptxas_path() -> str:
+    import triton
+
+    try:
+        from triton import knobs
+
+        path = knobs.nvidia.ptxas.path
+        if path:
+            return path
+    except (ImportError, AttributeError):
+        pass
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if os.path.exists(bundled):
+        return bundled
+    raise FileNotFoundError("ptxas not found (neither triton.knobs.nvidia.ptxas nor the bundled binary)")
+
+
+def _sm_name(cc: int) -> str:
+    try:
+        from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+        return sm_arch_from_capability(cc)
+    except (ImportError, AttributeError):
+        return f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+
+
+def _ptxas_flags(metadata) -> list[str]:
+    """The flags triton's own ptxas call uses that change code generation."""
+    flags = ["-lineinfo", "-v"]
+    if not getattr(metadata, "enable_fp_fusion", True):
+        flags.append("--fmad=false")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        if "regAllocOptLevel" in inspect.getsource(CUDABackend.make_cubin):
+            flags.append("--regAllocOptLevel=2")
+    except (ImportError, AttributeError, OSError, TypeError):
+        pass
+    extra = getattr(metadata, "ptx_options", None)
+    return flags + (extra.split() if extra else [])
+
+
+_RE_REGS = re.compile(r"Used (\d+) registers")
+_RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """Registers (max over functions), static smem, stack and spill bytes (summed) of a ptxas -v log."""
+    regs = [int(x) for x in _RE_REGS.findall(log)]
+    spills = [tuple(map(int, m)) for m in _RE_SPILL.findall(log)]
+    if not regs:
+        raise ValueError(f"no register count in the ptxas log:\n{log}")
+    return {
+        "registers": max(regs),
+        "static_smem_bytes": sum(int(x) for x in _RE_SMEM.findall(log)),
+        "stack_bytes": sum(s[0] for s in spills),
+        "spill_store_bytes": sum(s[1] for s in spills),
+        "spill_load_bytes": sum(s[2] for s in spills),
+    }
+
+
+def _config_label(case: dict) -> str:
+    consts = ",".join(f"{k}={v}" for k, v in case.get("constexprs", {}).items())
+    return f"{consts} w{case.get('num_warps', 4)} s{case.get('num_stages', 3)}".strip()
+
+
+def compile_case(module: str, index: int, cc: int) -> dict:
+    """Compile one case for compute capability ``cc`` and measure it (runs in a worker)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    case = importlib.import_module(module).COMPILE_CASES[index]
+    row = {"module": module.rsplit(".", 1)[-1], "name": case["name"], "config": _config_label(case),
+           "arch": f"sm_{cc}", "ok": False, "error": ""}
+    try:
+        fn = _jit_function(case["fn"])
+        src = _ast_source(fn, case["signature"], case.get("constexprs", {}))
+        options = {"num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            cmd = [_ptxas_path(), *_ptxas_flags(compiled.metadata), f"--gpu-name={_sm_name(cc)}", ptx,
+                   "-o", os.path.join(tmp, "kernel.cubin")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()}")
+        row.update(parse_ptxas_log(proc.stdout + proc.stderr))
+        row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + row.pop("static_smem_bytes")
+        row["ok"] = True
+    except Exception as exc:  # reported in the table; the exit status says it failed
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip()}"
+    return row
+
+
+def _run_all(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [compile_case(*j) for j in jobs]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(compile_case, *zip(*jobs)))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["kernel", "config", "arch", "registers", "shared memory (B)", "spill stores (B)", "spill loads (B)"]
+    body = []
+    for r in rows:
+        if r["ok"]:
+            body.append([r["name"], r["config"], r["arch"], str(r["registers"]), str(r["shared_bytes"]),
+                         str(r["spill_store_bytes"]), str(r["spill_load_bytes"])])
+        else:
+            body.append([r["name"], r["config"], r["arch"], "FAILED", r["error"].splitlines()[0][:60], "", ""])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m capstriton.kernels.compile_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
+    parser.add_argument("--only", default="", help="only cases whose name contains this string")
+    parser.add_argument("--json", default="", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+
+    if _interpreter_enabled():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "capstriton.kernels.compile_check", *argv], env=env)
+
+    cases, import_errors = collect_cases()
+    for mod, err in import_errors.items():
+        print(f"error: cannot import {mod}: {err}", file=sys.stderr)
+    cases = [c for c in cases if args.only in c[2]["name"]]
+    if not cases:
+        print("error: no COMPILE_CASES found in the kernel modules", file=sys.stderr)
+        return 2
+    jobs = [(mod, idx, cc) for mod, idx, _ in cases for cc in args.arch]
+    rows = _run_all(jobs, args.jobs)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "import_errors": import_errors}, f, indent=1)
+    failed = [r for r in rows if not r["ok"]]
+    spilled = [r for r in rows if r["ok"] and (r["spill_store_bytes"] or r["spill_load_bytes"])]
+    for r in failed:
+        print(f"error: {r['name']} ({r['arch']}): {r['error']}", file=sys.stderr)
+    for r in spilled:
+        print(f"error: {r['name']} ({r['arch']}, {r['config']}) spills {r['spill_store_bytes']} B stores / "
+              f"{r['spill_load_bytes']} B loads", file=sys.stderr)
+    print(f"{len(rows)} compiles: {len(rows) - len(failed)} ok, {len(failed)} failed, {len(spilled)} with spills")
+    return 1 if failed or spilled or import_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
