@@ -11,7 +11,7 @@ GRADIENT = {torch.float32: 1e-4, torch.float16: 2e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     scale = ref.abs().max().clamp_min(1e-30)
     return float((out - ref).abs().max() / scale)
 
