@@ -8,3 +8,6 @@ __all__ = ["squash_fwd", "squash_bwd"]
 from .routing import dynamic_routing_bwd, dynamic_routing_fwd, transform_route_bwd, transform_route_fwd
 
 __all__ += ["dynamic_routing_fwd", "dynamic_routing_bwd", "transform_route_fwd", "transform_route_bwd"]
+from .caps_transform import caps_transform_bwd, caps_transform_fwd
+
+__all__ += ["caps_transform_fwd", "caps_transform_bwd"]
