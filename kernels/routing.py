@@ -90,17 +90,36 @@ def _softmax_grad(c, uhat, gs):
 # ----------------------------------------------------------------------------------------------
 # streaming pass over the input capsules (forward iteration or backward reduction)
 # ----------------------------------------------------------------------------------------------
-def _pass_configs():
-    return autotune_configs([
-        triton.Config({"BLOCK_B": 16}, num_warps=4),
-        triton.Config({"BLOCK_B": 8}, num_warps=4),
-        triton.Config({"BLOCK_B": 32}, num_warps=8),
-        triton.Config({"BLOCK_B": 16}, num_warps=8),
-    ])
+def _elements_per_thread(config: triton.Config, BJ: int, BD: int) -> float:
+    return config.kwargs["BLOCK_B"] * BJ * BD / (32 * config.num_warps)
 
 
-@triton.autotune(configs=_pass_configs(), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
-                 **autotune_cache_kwargs())
+def _fits_registers(config: triton.Config, BJ: int, BD: int) -> bool:
+    """A (BLOCK_B, BJ, BD) fp32 tile of at most 16 elements per thread (8 with 16 warps, where
+    the register cap falls to 128) keeps the passes free of spills (measured with ptxas -v
+    for sm_80/sm_90, see kernels/compile_check.py)."""
+    per_thread = _elements_per_thread(config, BJ, BD)
+    return per_thread <= (8 if config.num_warps >= 16 else 16)
+
+
+def prune_to_registers(configs, named_args, **kwargs):
+    """early_config_prune: drop configs whose tiles would spill; keep the smallest otherwise."""
+    BJ, BD = kwargs["BJ"], kwargs["BD"]
+    fitting = [c for c in configs if _fits_registers(c, BJ, BD)]
+    return fitting or [min(configs, key=lambda c: _elements_per_thread(c, BJ, BD))]
+
+
+# The first config of each list is the default (the interpreter and the test suite run only it).
+PASS_CONFIGS = [
+    triton.Config({"BLOCK_B": 16}, num_warps=8),
+    triton.Config({"BLOCK_B": 8}, num_warps=4),
+    triton.Config({"BLOCK_B": 16}, num_warps=16),
+    triton.Config({"BLOCK_B": 4}, num_warps=4),
+]
+
+
+@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
+                 prune_configs_by={"early_config_prune": prune_to_registers}, **autotune_cache_kwargs())
 @triton.jit
 def routing_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
@@ -248,16 +267,15 @@ def _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_ma
     return grad
 
 
-def _grad_configs():
-    return autotune_configs([
-        triton.Config({"BLOCK_B": 16}, num_warps=4),
-        triton.Config({"BLOCK_B": 16}, num_warps=8),
-        triton.Config({"BLOCK_B": 32}, num_warps=8),
-    ])
+# BLOCK_B >= 16: it is the inner dimension of the fused weight-gradient tl.dot.
+GRAD_CONFIGS = [
+    triton.Config({"BLOCK_B": 16}, num_warps=8),
+    triton.Config({"BLOCK_B": 16}, num_warps=16),
+]
 
 
-@triton.autotune(configs=_grad_configs(), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "DETACH"],
-                 **autotune_cache_kwargs())
+@triton.autotune(configs=autotune_configs(GRAD_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "DETACH"],
+                 prune_configs_by={"early_config_prune": prune_to_registers}, **autotune_cache_kwargs())
 @triton.jit
 def routing_grad_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED)
@@ -355,7 +373,7 @@ def sum_partials_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-_SMALLEST_BLOCK_B = 8  # smallest BLOCK_B in the pass configs: sizes the chunk grid for all configs
+_GRID_BLOCK_B = 16  # BLOCK_B of the default config: sizes the chunk grid (the same for every config)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -367,7 +385,7 @@ def _target_programs(device: torch.device) -> int:
 
 def _chunking(B: int, I: int, device: torch.device) -> tuple[int, int]:
     """(n_chunks, caps_per_chunk): split the input capsules so that the grid fills the GPU."""
-    batch_blocks = triton.cdiv(B, _SMALLEST_BLOCK_B)
+    batch_blocks = triton.cdiv(B, _GRID_BLOCK_B)
     n_chunks = max(1, min(I, triton.cdiv(_target_programs(device), batch_blocks)))
     caps = triton.cdiv(I, n_chunks)
     return triton.cdiv(I, caps), caps
@@ -473,3 +491,55 @@ def transform_route_fwd(u: torch.Tensor, W: torch.Tensor, iterations: int):
 def transform_route_bwd(u, W, s_all, V_all, grad_v, iterations: int, detach: bool):
     """(dL/du, dL/dW) recomputing u_hat = W u on the fly."""
     return _routing_backward(u, W, None, s_all, V_all, grad_v, iterations, detach, fused=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# compile check (kernels/compile_check.py): every kernel at the configs it uses for the paper's
+# DigitCaps shape (J = 10 -> BJ = 16, D = 16), fp32 and fp16 inputs.
+# ----------------------------------------------------------------------------------------------
+def _compile_cases():
+    dims = {"BJ": 16, "BD": 16}
+    cases = []
+    for dtype in ("fp32", "fp16"):
+        src = f"*{dtype}"
+        f32 = "*fp32"
+        sizes = {"B": "i32", "I": "i32", "J": "i32", "D": "i32", "DIN": "i32"}
+        for fused in (True, False):
+            for backward in (False, True):
+                for cfg in prune_to_registers(PASS_CONFIGS, {}, **dims):
+                    sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_ptr": f32, "gs_ptr": f32, "part_ptr": f32,
+                           **sizes, "caps_per_chunk": "i32", "B_BUCKET": "i32"}
+                    const = {"FIRST": False, "BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
+                    cases.append({"name": f"routing_pass[{dtype},fused={fused},backward={backward}]",
+                                  "fn": routing_pass_kernel.fn, "signature": sig, "constexprs": const,
+                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            for detach in (False, True):
+                for cfg in prune_to_registers(GRAD_CONFIGS, {}, **dims):
+                    sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_all_ptr": f32, "gs_all_ptr": f32,
+                           "grad_uhat_ptr": src, "grad_u_ptr": src, "grad_W_part_ptr": f32, **sizes,
+                           "iterations": "i32", "caps_per_chunk": "i32", "n_groups": "i32", "B_BUCKET": "i32"}
+                    const = {"DETACH": detach, "FUSED": fused, "DOT_PRECISION": "ieee", **cfg.kwargs, **dims, "BK": 16}
+                    cases.append({"name": f"routing_grad[{dtype},fused={fused},detach={detach}]",
+                                  "fn": routing_grad_kernel.fn, "signature": sig, "constexprs": const,
+                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        bjd = {"B": "i32", "J": "i32", "D": "i32", "eps": "fp32"}
+        for first, last in ((True, False), (False, False), (False, True)):
+            sig = {"part_ptr": f32, "n_chunks": "i32", "s_ptr": f32, "V_prev_ptr": f32, "V_next_ptr": f32,
+                   "v_ptr": src, **bjd}
+            cases.append({"name": f"routing_fwd_finish[{dtype},first={first},last={last}]",
+                          "fn": routing_fwd_finish_kernel, "signature": sig,
+                          "constexprs": {"FIRST": first, "LAST": last, **dims}, "num_warps": 4, "num_stages": 3})
+        for has_parts, accumulate, last in ((False, False, True), (True, False, False), (True, True, False)):
+            sig = {"part_ptr": f32, "n_chunks": "i32", "G_ptr": f32, "grad_v_ptr": src, "s_ptr": f32,
+                   "gs_ptr": f32, **bjd}
+            const = {"HAS_PARTS": has_parts, "ACCUMULATE": accumulate, "LAST": last, **dims}
+            cases.append({"name": f"routing_bwd_finish[{dtype},parts={has_parts},acc={accumulate}]",
+                          "fn": routing_bwd_finish_kernel, "signature": sig, "constexprs": const,
+                          "num_warps": 4, "num_stages": 3})
+        cases.append({"name": f"sum_partials[{dtype}]", "fn": sum_partials_kernel,
+                      "signature": {"part_ptr": f32, "out_ptr": src, "N": "i32", "n_parts": "i32"},
+                      "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 3})
+    return cases
+
+
+COMPILE_CASES = _compile_cases()
