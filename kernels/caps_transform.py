@@ -5,12 +5,13 @@ are merged into N = J * Dout, so for one input capsule i the op is a small matmu
     u_hat[:, i, :] (B, N) = u[:, i, :] (B, Din) @ W[i]^T (Din, N).
 
 Tiling: a program owns one capsule i, a block of BLOCK_B samples and a block of BLOCK_N outputs,
-so one W tile is loaded once and serves BLOCK_B samples.  The products go through tl.dot with
-Din padded to BLOCK_K >= 16 (masked loads): fp16/bf16 use tensor cores, fp32 follows
-kernels._common.dot_precision ("ieee" unless torch allows TF32), and any Din works through a
-loop over K blocks.  A static loop of outer products over Din would need Din as a constexpr
-(one compile per Din, unrolled) and could not use tensor cores.  The op is memory-bound
-(Din multiply-adds per u_hat element), so the padding costs no bandwidth.
+so one W tile is loaded once and serves BLOCK_B samples.  The products go through tl.dot, with
+Din padded (masked loads) to the dot's minimum K: 8 for fp32, 16 for fp16/bf16.  fp16/bf16 run on
+tensor cores, fp32 follows kernels._common.dot_precision ("ieee" = exact fp32 FMAs unless torch
+allows TF32), and any Din works through a loop over K blocks.  A static loop of outer products
+over Din would need Din as a constexpr (one compile per Din, fully unrolled) and could not use
+tensor cores.  The op is memory-bound (Din multiply-adds per u_hat element), so the padding
+costs no bandwidth.
 
 Backward, with g = grad u_hat viewed as (B, I, N):
     grad_u[:, i, :] (B, Din) = g[:, i, :] (B, N) @ W[i] (N, Din)
@@ -49,9 +50,28 @@ BWD_U_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2), _cf
 BWD_W_CONFIGS = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 128, 4, 2), _cfg(128, 32, 4, 3),
                  _cfg(64, 128, 8, 2)]
 SUM_BLOCK = 1024
+_FMA_DOT_BUDGET = 256  # BLOCK_B * BLOCK_N * BLOCK_K per thread above which fp32 "ieee" tiles spill
 
 
-@triton.autotune(configs=autotune_configs(FWD_CONFIGS), key=_KEY, **autotune_cache_kwargs())
+def prune_fp32_fma_configs(configs, named_args, **kwargs):
+    """An fp32 "ieee" tl.dot runs on the FMA units with both operands replicated in registers, so
+    large tiles spill (tensor-core dots do not).  Drop those (keep the smallest if none fits)."""
+    first = next(iter(named_args.values()))
+    if kwargs.get("INPUT_PRECISION") != "ieee" or first.dtype != torch.float32:
+        return configs
+
+    def per_thread(c):
+        return c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"] * kwargs["BLOCK_K"] / (32 * c.num_warps)
+
+    return [c for c in configs if per_thread(c) <= _FMA_DOT_BUDGET] or [min(configs, key=per_thread)]
+
+
+def _autotune(configs):
+    return triton.autotune(configs=autotune_configs(configs), key=_KEY,
+                           prune_configs_by={"early_config_prune": prune_fp32_fma_configs}, **autotune_cache_kwargs())
+
+
+@_autotune(FWD_CONFIGS)
 @triton.jit
 def caps_transform_fwd_kernel(
     u_ptr,            # (B, I, DIN) input capsules
@@ -89,7 +109,7 @@ def caps_transform_fwd_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=autotune_configs(BWD_U_CONFIGS), key=_KEY, **autotune_cache_kwargs())
+@_autotune(BWD_U_CONFIGS)
 @triton.jit
 def caps_transform_bwd_u_kernel(
     g_ptr,            # (B, I, N) gradient of u_hat
@@ -124,7 +144,7 @@ def caps_transform_bwd_u_kernel(
              mask=row_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=autotune_configs(BWD_W_CONFIGS), key=_KEY, **autotune_cache_kwargs())
+@_autotune(BWD_W_CONFIGS)
 @triton.jit
 def caps_transform_bwd_w_kernel(
     g_ptr,            # (B, I, N) gradient of u_hat

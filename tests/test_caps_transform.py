@@ -93,6 +93,16 @@ def test_batch_groups_bounded():
         kmod.caps_transform_bwd(torch.randn(2, 1, 3), torch.randn(1, 1, 2, 3), torch.randn(2, 1, 1, 2), groups=9)
 
 
+def test_fp32_fma_config_pruning():
+    prune = kmod.prune_fp32_fma_configs
+    f32, f16 = {"u_ptr": torch.empty(1)}, {"u_ptr": torch.empty(1, dtype=torch.float16)}
+    assert prune(kmod.BWD_U_CONFIGS, f32, BLOCK_K=64, INPUT_PRECISION="ieee") == [kmod.BWD_U_CONFIGS[0]]
+    assert prune(kmod.BWD_W_CONFIGS, f32, BLOCK_K=8, INPUT_PRECISION="ieee") == kmod.BWD_W_CONFIGS
+    assert prune(kmod.BWD_W_CONFIGS, f32, BLOCK_K=16, INPUT_PRECISION="ieee") == [kmod.BWD_W_CONFIGS[0]]
+    assert prune(kmod.BWD_U_CONFIGS, f16, BLOCK_K=64, INPUT_PRECISION="ieee") == kmod.BWD_U_CONFIGS
+    assert prune(kmod.BWD_U_CONFIGS, f32, BLOCK_K=64, INPUT_PRECISION="tf32") == kmod.BWD_U_CONFIGS
+
+
 def test_non_contiguous_inputs_and_single_gradient():
     u_base = torch.randn(6, 4, 2).requires_grad_()
     W_base = torch.randn(4, 2, 4, 3).requires_grad_()
@@ -126,6 +136,17 @@ def test_opcheck():
     u, W, grad = _inputs((3, 2, 2, 3, 4), torch.float32)
     torch.library.opcheck(torch.ops.capstriton.caps_transform.default, (u, W))
     torch.library.opcheck(torch.ops.capstriton.caps_transform_backward.default, (u.detach(), W.detach(), grad))
+
+
+def test_fullgraph_compile():
+    u, W, grad = _inputs((3, 2, 3, 4, 5), torch.float32)
+    f = torch.compile(lambda u, W: ct.caps_transform(u, W, backend="triton"), fullgraph=True, backend="aot_eager")
+    out = f(u, W)
+    gu, gW = torch.autograd.grad(out, (u, W), grad)
+    out64, gu64, gW64 = _ref64(u, W, grad)
+    assert_close(out, out64, FORWARD[torch.float32], "compiled forward")
+    assert_close(gu, gu64, GRADIENT[torch.float32], "compiled grad_u")
+    assert_close(gW, gW64, GRADIENT[torch.float32], "compiled grad_W")
 
 
 def test_torch_backend_matches_reference():
