@@ -54,8 +54,9 @@ class DigitCaps(nn.Module):
         self.weight = nn.Parameter(init_std * torch.randn(in_caps, out_caps, out_dim, in_dim))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return transform_route(u, self.weight, iterations=self.iterations, detach=self.detach,
-                               backend=self.backend)
+        # under autocast u may arrive in half precision: compute in u's dtype (fp32 inside the kernels)
+        weight = self.weight if self.weight.dtype == u.dtype or not u.is_floating_point() else self.weight.to(u.dtype)
+        return transform_route(u, weight, iterations=self.iterations, detach=self.detach, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "

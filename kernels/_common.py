@@ -47,3 +47,12 @@ def autotune_cache_kwargs() -> dict:
 def batch_bucket(B: int) -> int:
     """Autotune key for the batch: next power of two, so every batch size does not retune."""
     return triton.next_power_of_2(max(int(B), 1))
+
+
+def on_device(tensor: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (multi-GPU safety); no-op on the CPU."""
+    import contextlib
+
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

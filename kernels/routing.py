@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, interpreter_enabled
+from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty,
+                      interpreter_enabled, on_device)
 from .squash import _squash_scale
 
 ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as capstriton.reference)
@@ -475,22 +476,26 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
 
 def dynamic_routing_fwd(u_hat: torch.Tensor, iterations: int):
     """u_hat (B, I, J, D) contiguous -> (v (B, J, D) in u_hat's dtype, s_all, V_all (r, B, J, D) fp32)."""
-    return _routing_forward(None, None, u_hat, iterations, fused=False)
+    with on_device(u_hat):
+        return _routing_forward(None, None, u_hat, iterations, fused=False)
 
 
 def dynamic_routing_bwd(u_hat, s_all, V_all, grad_v, iterations: int, detach: bool) -> torch.Tensor:
     """dL/du_hat from the saved per-iteration s and V and dL/dv."""
-    return _routing_backward(None, None, u_hat, s_all, V_all, grad_v, iterations, detach, fused=False)
+    with on_device(u_hat):
+        return _routing_backward(None, None, u_hat, s_all, V_all, grad_v, iterations, detach, fused=False)
 
 
 def transform_route_fwd(u: torch.Tensor, W: torch.Tensor, iterations: int):
     """u (B, I, Din), W (I, J, D, Din) contiguous -> (v (B, J, D), s_all, V_all); u_hat never exists."""
-    return _routing_forward(u, W, None, iterations, fused=True)
+    with on_device(u):
+        return _routing_forward(u, W, None, iterations, fused=True)
 
 
 def transform_route_bwd(u, W, s_all, V_all, grad_v, iterations: int, detach: bool):
     """(dL/du, dL/dW) recomputing u_hat = W u on the fly."""
-    return _routing_backward(u, W, None, s_all, V_all, grad_v, iterations, detach, fused=True)
+    with on_device(u):
+        return _routing_backward(u, W, None, s_all, V_all, grad_v, iterations, detach, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------

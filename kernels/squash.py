@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty
+from ._common import empty, on_device
 
 
 @triton.jit
@@ -82,8 +82,9 @@ def squash_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
     R = x.numel() // D
     y = empty(*x.shape, dtype=x.dtype, device=x.device)
     block_r, block_d, warps = _launch_params(D)
-    squash_fwd_kernel[(triton.cdiv(R, block_r),)](x, y, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                  num_warps=warps)
+    with on_device(x):
+        squash_fwd_kernel[(triton.cdiv(R, block_r),)](x, y, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                      num_warps=warps)
     return y
 
 
@@ -93,8 +94,9 @@ def squash_bwd(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
     R = x.numel() // D
     dx = empty(*x.shape, dtype=x.dtype, device=x.device)
     block_r, block_d, warps = _launch_params(D)
-    squash_bwd_kernel[(triton.cdiv(R, block_r),)](x, dy, dx, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                  num_warps=warps)
+    with on_device(x):
+        squash_bwd_kernel[(triton.cdiv(R, block_r),)](x, dy, dx, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                      num_warps=warps)
     return dx
 
 
