@@ -2,7 +2,10 @@
 TRITON_INTERPRET must be set BEFORE triton is imported, so it is set here, first."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# CAPSTRITON_TEST_DEVICE=cuda runs the suite on a GPU with compiled kernels instead.
+DEVICE = os.environ.get("CAPSTRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ["CAPSTRITON_POISON_OUTPUTS"] = "1"  # kernel outputs start as NaN (kernels/_common.py)
 os.environ["CAPSTRITON_SINGLE_CONFIG"] = "1"   # autotuners keep one config
 
@@ -11,6 +14,10 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_device():
     torch.manual_seed(0)
+    if DEVICE != "cpu":
+        torch.set_default_device(DEVICE)  # tensors made by the tests live where the kernels run
     yield
+    if DEVICE != "cpu":
+        torch.set_default_device(None)
