@@ -1,0 +1,167 @@
+"""examples/train_mnist.py: augmentation, schedule, configuration, checkpoints and a short
+real training run on MNIST (backend="torch", small CapsNet)."""
+import csv
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from capstriton import data as D
+from capstriton.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_DATA = ROOT / "data"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_mnist", ROOT / "examples" / "train_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # main(--threads N) sets it process-wide
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist_dir():
+    try:
+        D.prepare_mnist(REPO_DATA, log=lambda s: None)
+    except D.DataUnavailableError as e:
+        pytest.skip(f"MNIST cannot be obtained on this machine: {e}")
+    return REPO_DATA
+
+
+def test_random_shift_is_a_zero_filled_translation():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 2, 7, 9) + 0.1  # strictly positive: zero fill is visible
+    out = train.random_shift(x, 2, g)
+    assert out.shape == x.shape
+    seen = set()
+    for b in range(x.shape[0]):
+        matches = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = torch.zeros_like(x[b])
+                ys, yd = (slice(0, 7 - dy), slice(dy, 7)) if dy >= 0 else (slice(-dy, 7), slice(0, 7 + dy))
+                xs, xd = (slice(0, 9 - dx), slice(dx, 9)) if dx >= 0 else (slice(-dx, 9), slice(0, 9 + dx))
+                ref[:, yd, xd] = x[b][:, ys, xs]
+                if torch.equal(out[b], ref):
+                    matches.append((dy, dx))
+        assert len(matches) == 1, f"image {b} is not a single translation of its input"
+        seen.add(matches[0])
+    assert len(seen) > 10  # the shifts vary across the batch
+    assert torch.equal(train.random_shift(x, 0, g), x)
+
+
+def test_learning_rate_schedules():
+    cfg = {"schedule": "exp", "lr": 1e-3, "lr_decay": 0.96, "decay_steps": 2000, "lr_final": 0.05,
+           "time_budget": None}
+    assert train.learning_rate(cfg, 0, 0.0, 100) == pytest.approx(1e-3)
+    assert train.learning_rate(cfg, 4000, 0.0, 100) == pytest.approx(1e-3 * 0.96 ** 2)
+    cfg.update(schedule="budget", time_budget=100.0)
+    assert train.learning_rate(cfg, 0, 0.0, 1000) == pytest.approx(1e-3)
+    assert train.learning_rate(cfg, 500, 10.0, 1000) == pytest.approx(1e-3 * 0.05 ** 0.5)  # by steps
+    assert train.learning_rate(cfg, 100, 50.0, 1000) == pytest.approx(1e-3 * 0.05 ** 0.5)  # by time
+    assert train.learning_rate(cfg, 100, 500.0, 1000) == pytest.approx(1e-3 * 0.05)  # never below lr_final
+
+
+def test_configuration_modes():
+    demo = train.resolve(train.parse_args(["--device", "cpu"]))
+    assert demo["mode"] == "cpu-demo" and demo["schedule"] == "budget" and demo["time_budget"] > 0
+    assert demo["model"]["conv_channels"] < 256
+    full = train.resolve(train.parse_args(["--device", "cpu", "--full"]))
+    assert full["mode"] == "paper" and full["schedule"] == "exp" and full["time_budget"] is None
+    assert full["model"] == {"conv_channels": 256, "primary_caps": 32, "iterations": 3, "detach": False}
+    assert (full["batch_size"], full["lr"], full["lr_decay"], full["decay_steps"], full["recon_weight"],
+            full["shift"], full["epochs"]) == (128, 1e-3, 0.96, 2000, 0.0005, 2, 50)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            train.resolve(train.parse_args(["--device", "cuda"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "0"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "ck.pt", model=model, epoch=1, args={"a": 1, "p": Path("x")})
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model=model, epoch=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and state["args"] == {"a": 1, "p": "x"}
+    torch.testing.assert_close(state["model"]["weight"], model.weight.detach())
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+SMALL = ["--conv-channels", "16", "--primary-caps", "4", "--backend", "torch", "--batch-size", "32",
+         "--train-subset", "640", "--test-subset", "500", "--no-progress", "--seed", "0", "--device", "cpu",
+         "--threads", "1", "--schedule", "exp", "--lr", "2e-3"]
+
+
+def test_short_real_training_run_learns(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.main(SMALL + ["--epochs", "3", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
+    history = summary["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    first, last = history[0], history[-1]
+    assert last["train_loss"] < 0.7 * first["train_loss"], history
+    assert last["test_loss"] < first["test_loss"], history
+    assert summary["test_accuracy"] > 0.5, history  # chance is 0.1
+
+    printed = capsys.readouterr().out
+    assert "CPU demo mode" in printed
+    match = re.search(r"test accuracy: (\d+\.\d\d)%", printed)
+    assert match and float(match.group(1)) == pytest.approx(100 * summary["test_accuracy"], abs=0.006)
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "mode", "train_loss", "train_acc", "test_loss", "test_acc", "test_error",
+                             "seconds", "images_per_s", "lr"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0]["mode"] == "cpu-demo"
+    assert float(rows[-1]["test_acc"]) == pytest.approx(summary["test_accuracy"], abs=1e-5)
+
+    from PIL import Image
+    with Image.open(out / "reconstructions.png") as img:
+        assert img.size[0] > img.size[1] > 28  # two rows of 16 images
+
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["args"]["model"]["conv_channels"] == 16 and state["optimizer"]
+    assert state["step"] == 3 * 20
+
+    # --resume continues at epoch 4 and appends to the metrics.
+    resumed = train.main(SMALL + ["--epochs", "4", "--resume", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3, 4]
+    with open(out / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4 * 20
+
+    with pytest.raises(SystemExit, match="holds a model"):
+        train.main(SMALL[:1] + ["8"] + SMALL[2:] + ["--resume", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
+
+
+def test_time_budget_stops_training_and_still_evaluates(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.main(SMALL + ["--epochs", "5", "--time-budget", "0.001", "--data-dir", str(mnist_dir),
+                                  "--out-dir", str(out)])
+    assert summary["epochs_run"] == 1 and summary["steps"] == 1
+    assert "stopped by the time budget" in capsys.readouterr().out
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and (out / "reconstructions.png").is_file()
