@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty,
+from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, empty,
                       interpreter_enabled, on_device)
 from .squash import _squash_scale
 
@@ -268,10 +268,10 @@ def _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_ma
     return grad
 
 
-# BLOCK_B >= 16: it is the inner dimension of the fused weight-gradient tl.dot.
 GRAD_CONFIGS = [
-    triton.Config({"BLOCK_B": 16}, num_warps=8),
-    triton.Config({"BLOCK_B": 16}, num_warps=16),
+    triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_B": 16}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1),
 ]
 
 
@@ -294,11 +294,9 @@ def routing_grad_kernel(
     B_BUCKET,         # autotune key
     DETACH: tl.constexpr,
     FUSED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" (true fp32) or "tf32" for the fused W^T / outer-product dots
     BLOCK_B: tl.constexpr,
     BJ: tl.constexpr,
     BD: tl.constexpr,
-    BK: tl.constexpr,        # next power of two >= max(DIN, 16) (tl.dot needs 16)
 ):
     j_offs = tl.arange(0, BJ)
     d_offs = tl.arange(0, BD)
@@ -308,19 +306,12 @@ def routing_grad_kernel(
     if FUSED:
         chunk = tl.program_id(0).to(tl.int64)
         group = tl.program_id(1)
-        k_offs = tl.arange(0, BK)
-        k_mask = k_offs < DIN
-        flat = tl.arange(0, BJ * BD)  # row-major (j, d) index of a reshaped tile
-        flat_offs = (flat // BD) * D + flat % BD
-        flat_mask = ((flat // BD) < J) & ((flat % BD) < D)
-        w_mask = flat_mask[:, None] & k_mask[None, :]
         n_blocks = tl.cdiv(B, BLOCK_B)
         i_start = chunk * caps_per_chunk
         i_end = tl.minimum(i_start + caps_per_chunk, I)
         for i in range(i_start, i_end):
-            w_offs = (i * J * D + flat_offs)[:, None] * DIN + k_offs[None, :]
-            Wt = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)  # (BJ*BD, BK)
-            grad_W = tl.zeros((BJ * BD, BK), dtype=tl.float32)
+            w_rows = W_ptr + (i * J * D + jd_offs) * DIN  # (BJ, BD) pointers to W[i, j, d, 0]
+            gw_rows = grad_W_part_ptr + (group.to(tl.int64) * I * J * D + i * J * D + jd_offs) * DIN
             for blk in range(group, n_blocks, n_groups):
                 b_offs = tl.arange(0, BLOCK_B).to(tl.int64) + blk * BLOCK_B
                 b_mask = b_offs < B
@@ -330,14 +321,20 @@ def routing_grad_kernel(
                                         jd_mask, FUSED, BLOCK_B, BJ, BD)
                 grad = _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_mask, B, J, D,
                                              iterations, DETACH, BLOCK_B, BJ, BD)
-                grad2d = tl.reshape(grad, (BLOCK_B, BJ * BD))
-                u_offs = (b_offs * I + i)[:, None] * DIN + k_offs[None, :]
-                u_mask = b_mask[:, None] & k_mask[None, :]
-                u_tile = tl.load(u_ptr + u_offs, mask=u_mask, other=0.0).to(tl.float32)  # (BLOCK_B, BK)
-                grad_u = tl.dot(grad2d, Wt, input_precision=DOT_PRECISION)          # sum_jd g W
-                tl.store(grad_u_ptr + u_offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=u_mask)
-                grad_W += tl.dot(tl.trans(grad2d), u_tile, input_precision=DOT_PRECISION)  # sum_b g (x) u
-            tl.store(grad_W_part_ptr + group.to(tl.int64) * I * J * D * DIN + w_offs, grad_W, mask=w_mask)
+                u_rows = (b_offs * I + i) * DIN  # (BLOCK_B,) offsets of u[b, i, 0] and grad_u[b, i, 0]
+                # this program alone owns grad_W_part[group, i]: it accumulates there over its batch
+                # blocks (read-modify-write in a fixed order, so deterministic); the barrier makes the
+                # previous block's stores visible to every thread of the program.
+                tl.debug_barrier()
+                for k in range(DIN):
+                    w_k = tl.load(w_rows + k, mask=jd_mask, other=0.0).to(tl.float32)
+                    grad_u_k = tl.sum(tl.sum(grad * w_k[None, :, :], axis=2), axis=1)  # sum_jd g W[:, :, k]
+                    tl.store(grad_u_ptr + u_rows + k, grad_u_k.to(grad_u_ptr.dtype.element_ty), mask=b_mask)
+                    u_k = tl.load(u_ptr + u_rows + k, mask=b_mask, other=0.0).to(tl.float32)
+                    grad_W_k = tl.sum(grad * u_k[:, None, None], axis=0)  # sum_b g u[:, k]
+                    if blk != group:
+                        grad_W_k += tl.load(gw_rows + k, mask=jd_mask, other=0.0)
+                    tl.store(gw_rows + k, grad_W_k, mask=jd_mask)
     else:
         pid_b = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1).to(tl.int64)
@@ -457,8 +454,7 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
         grad_W_part = empty(n_groups, I, J, D, din, dtype=torch.float32, device=dev)
         routing_grad_kernel[(triton.cdiv(I, grad_caps), n_groups)](
             u, W, dummy, V_all, gs_all, dummy, grad_u, grad_W_part, B, I, J, D, din, iterations, grad_caps,
-            n_groups, batch_bucket(B), DETACH=detach, FUSED=True, DOT_PRECISION=dot_precision(u.dtype),
-            BK=max(16, triton.next_power_of_2(din)), **dims)
+            n_groups, batch_bucket(B), DETACH=detach, FUSED=True, **dims)
         if n_groups == 1 and W.dtype == torch.float32:
             grad_W = grad_W_part[0]
         else:
@@ -470,7 +466,7 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
     routing_grad_kernel[grid](
         dummy, dummy, u_hat, V_all, gs_all, grad_uhat, dummy, dummy, B, I, J, D, 1, iterations, caps, 1,
-        batch_bucket(B), DETACH=detach, FUSED=False, DOT_PRECISION="ieee", BK=16, **dims)
+        batch_bucket(B), DETACH=detach, FUSED=False, **dims)
     return grad_uhat
 
 
@@ -523,7 +519,7 @@ def _compile_cases():
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_all_ptr": f32, "gs_all_ptr": f32,
                            "grad_uhat_ptr": src, "grad_u_ptr": src, "grad_W_part_ptr": f32, **sizes,
                            "iterations": "i32", "caps_per_chunk": "i32", "n_groups": "i32", "B_BUCKET": "i32"}
-                    const = {"DETACH": detach, "FUSED": fused, "DOT_PRECISION": "ieee", **cfg.kwargs, **dims, "BK": 16}
+                    const = {"DETACH": detach, "FUSED": fused, **cfg.kwargs, **dims}
                     cases.append({"name": f"routing_grad[{dtype},fused={fused},detach={detach}]",
                                   "fn": routing_grad_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
