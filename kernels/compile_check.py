@@ -12,7 +12,10 @@ Each case is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cu
 (pointer arguments marked 16-byte aligned, as the JIT does for torch tensors), then triton's
 bundled ``ptxas -v`` is run on the PTX, with the flags triton itself uses, for registers and
 spills (triton discards that log; CompiledKernel.n_regs / n_spills need a GPU to load the
-binary).  Shared memory = triton's dynamic allocation + ptxas's static smem.
+binary).  Shared memory = triton's dynamic allocation + ptxas's static smem.  Where triton can
+print its own ptxas log (knobs.nvidia.dump_ptxas_log) a fresh compile's log is used instead of a
+second ptxas run, and the parsed numbers are cached per compiled-kernel hash under
+~/.cache/capstriton/compile_check (``--no-cache`` re-measures).
 
 Exit status: 0 when every case compiles without spills, 1 otherwise, 2 when no case is found.
 Compiling needs real @triton.jit functions, so under TRITON_INTERPRET=1 the tool re-runs itself
@@ -21,7 +24,10 @@ in a subprocess with the variable removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import importlib
+import io
 import inspect
 import json
 import os
@@ -171,7 +177,44 @@ def _config_label(case: dict) -> str:
     return f"{consts} w{case.get('num_warps', 4)} s{case.get('num_stages', 3)}".strip()
 
 
-def compile_case(module: str, index: int, cc: int) -> dict:
+def _results_cache_dir() -> str:
+    if os.environ.get("CAPSTRITON_CACHE_DIR"):
+        return os.path.join(os.environ["CAPSTRITON_CACHE_DIR"], "compile_check")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "capstriton", "compile_check")
+
+
+@contextlib.contextmanager
+def _triton_prints_ptxas_log():
+    """Make triton print the log of the ptxas run it does anyway (triton >= 3.4 knobs)."""
+    try:
+        from triton import knobs
+
+        nv = knobs.nvidia
+        old = nv.dump_ptxas_log
+    except (ImportError, AttributeError):
+        yield
+        return
+    nv.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        nv.dump_ptxas_log = old
+
+
+def _run_ptxas(ptx: str, flags: list[str], sm: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [_ptxas_path(), *flags, f"--gpu-name={sm}", path, "-o", os.path.join(tmp, "kernel.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()}")
+    return parse_ptxas_log(proc.stdout + proc.stderr)
+
+
+def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> dict:
     """Compile one case for compute capability ``cc`` and measure it (runs in a worker)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -183,17 +226,30 @@ def compile_case(module: str, index: int, cc: int) -> dict:
         fn = _jit_function(case["fn"])
         src = _ast_source(fn, case["signature"], case.get("constexprs", {}))
         options = {"num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "kernel.ptx")
-            with open(ptx, "w") as f:
-                f.write(compiled.asm["ptx"])
-            cmd = [_ptxas_path(), *_ptxas_flags(compiled.metadata), f"--gpu-name={_sm_name(cc)}", ptx,
-                   "-o", os.path.join(tmp, "kernel.cubin")]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()}")
-        row.update(parse_ptxas_log(proc.stdout + proc.stderr))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), _triton_prints_ptxas_log():
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        sm, flags = _sm_name(cc), _ptxas_flags(compiled.metadata)
+        khash = getattr(compiled, "hash", None) or getattr(compiled.metadata, "hash", None)
+        cache_file = None
+        if khash:
+            tag = hashlib.sha256(f"{khash}|{sm}|{' '.join(flags)}".encode()).hexdigest()[:32]
+            cache_file = os.path.join(_results_cache_dir(), f"{tag}.json")
+        stats = None
+        if _RE_REGS.search(printed.getvalue()):  # fresh compile: triton's own ptxas log
+            stats = parse_ptxas_log(printed.getvalue())
+        elif use_cache and cache_file and os.path.exists(cache_file):
+            with open(cache_file) as f:
+                stats = json.load(f)
+        if stats is None:
+            stats = _run_ptxas(compiled.asm["ptx"], flags, sm)
+        if cache_file:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(stats, f)
+            os.replace(tmp, cache_file)
+        row.update(stats)
         row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + row.pop("static_smem_bytes")
         row["ok"] = True
     except Exception as exc:  # reported in the table; the exit status says it failed
@@ -201,7 +257,7 @@ def compile_case(module: str, index: int, cc: int) -> dict:
     return row
 
 
-def _run_all(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:
+def _run_all(jobs: list[tuple[str, int, int, bool]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) <= 1:
         return [compile_case(*j) for j in jobs]
     import multiprocessing as mp
@@ -235,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     parser.add_argument("--only", default="", help="only cases whose name contains this string")
     parser.add_argument("--json", default="", help="also write the rows as JSON to this path")
+    parser.add_argument("--no-cache", action="store_true", help="re-run ptxas instead of using cached numbers")
     args = parser.parse_args(argv)
 
     if _interpreter_enabled():
@@ -248,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("error: no COMPILE_CASES found in the kernel modules", file=sys.stderr)
         return 2
-    jobs = [(mod, idx, cc) for mod, idx, _ in cases for cc in args.arch]
+    jobs = [(mod, idx, cc, not args.no_cache) for mod, idx, _ in cases for cc in args.arch]
     rows = _run_all(jobs, args.jobs)
     print(format_table(rows))
     if args.json:
