@@ -56,3 +56,11 @@ def on_device(tensor: torch.Tensor):
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def use_tuned_configs() -> None:
+    """Seed the autotuners once per process with the winners `python -m capstriton.tune`
+    saved for this GPU (no-op under the interpreter; never raises)."""
+    from capstriton.tune import ensure_tuned_configs_loaded
+
+    ensure_tuned_configs_loaded()

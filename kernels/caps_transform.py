@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty
+from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, on_device,
+                      use_tuned_configs)
 
 MAX_GROUPS = 8          # batch groups (partial buffers) for grad_W
 _TARGET_PROGRAMS = 1024  # grad_W programs wanted before adding batch groups
@@ -221,6 +222,12 @@ def num_batch_groups(B: int, I: int, N: int, Din: int) -> int:
 
 def caps_transform_fwd(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """u (B, I, Din), W (I, J, Dout, Din), contiguous, same dtype -> u_hat (B, I, J, Dout)."""
+    use_tuned_configs()
+    with on_device(u):
+        return _caps_transform_fwd(u, W)
+
+
+def _caps_transform_fwd(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     B, I, Din = u.shape
     _, J, Dout, _ = W.shape
     N = J * Dout
@@ -238,6 +245,13 @@ def caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
                        groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (grad_u, grad_W) of caps_transform_fwd given grad = dL/du_hat (all contiguous).
     ``groups`` overrides the number of batch groups of the grad_W reduction (tests)."""
+    use_tuned_configs()
+    with on_device(u):
+        return _caps_transform_bwd(u, W, grad, groups)
+
+
+def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
+                        groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, I, Din = u.shape
     _, J, Dout, _ = W.shape
     N = J * Dout

@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, empty,
-                      interpreter_enabled, on_device)
+                      interpreter_enabled, on_device, use_tuned_configs)
+from .caps_transform import SUM_BLOCK, sum_partials_kernel
 from .squash import _squash_scale
 
 ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as capstriton.reference)
@@ -353,21 +354,6 @@ def routing_grad_kernel(
             tl.store(grad_uhat_ptr + offs, grad.to(grad_uhat_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
-def sum_partials_kernel(
-    part_ptr,         # (n_parts, N) fp32
-    out_ptr,          # (N,) out, output dtype
-    N, n_parts,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for p in range(n_parts):
-        acc += tl.load(part_ptr + p * N + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +380,7 @@ def _dims(J: int, D: int) -> dict:
 
 
 def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
+    use_tuned_configs()
     src = u if fused else u_hat
     B, I = src.shape[0], src.shape[1]
     J, D = (W.shape[1], W.shape[2]) if fused else (u_hat.shape[2], u_hat.shape[3])
@@ -420,6 +407,7 @@ def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
 
 
 def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach: bool, fused: bool):
+    use_tuned_configs()
     src = u if fused else u_hat
     B, I = src.shape[0], src.shape[1]
     J, D = s_all.shape[2], s_all.shape[3]
@@ -460,7 +448,7 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
         else:
             grad_W = empty(I, J, D, din, dtype=W.dtype, device=dev)
             N = grad_W.numel()
-            sum_partials_kernel[(triton.cdiv(N, 1024),)](grad_W_part, grad_W, N, n_groups, BLOCK=1024)
+            sum_partials_kernel[(triton.cdiv(N, SUM_BLOCK),)](grad_W_part, grad_W, N, n_groups, BLOCK=SUM_BLOCK)
         return grad_u, grad_W
     grad_uhat = empty(B, I, J, D, dtype=u_hat.dtype, device=dev)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
@@ -537,9 +525,6 @@ def _compile_cases():
             cases.append({"name": f"routing_bwd_finish[{dtype},parts={has_parts},acc={accumulate}]",
                           "fn": routing_bwd_finish_kernel, "signature": sig, "constexprs": const,
                           "num_warps": 4, "num_stages": 3})
-        cases.append({"name": f"sum_partials[{dtype}]", "fn": sum_partials_kernel,
-                      "signature": {"part_ptr": f32, "out_ptr": src, "N": "i32", "n_parts": "i32"},
-                      "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 3})
     return cases
 
 
