@@ -272,7 +272,6 @@ def _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_ma
 GRAD_CONFIGS = [
     triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_B": 16}, num_warps=16, num_stages=1),
-    triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1),
 ]
 
 
@@ -310,19 +309,20 @@ def routing_grad_kernel(
         n_blocks = tl.cdiv(B, BLOCK_B)
         i_start = chunk * caps_per_chunk
         i_end = tl.minimum(i_start + caps_per_chunk, I)
-        for i in range(i_start, i_end):
-            w_rows = W_ptr + (i * J * D + jd_offs) * DIN  # (BJ, BD) pointers to W[i, j, d, 0]
-            gw_rows = grad_W_part_ptr + (group.to(tl.int64) * I * J * D + i * J * D + jd_offs) * DIN
-            for blk in range(group, n_blocks, n_groups):
-                b_offs = tl.arange(0, BLOCK_B).to(tl.int64) + blk * BLOCK_B
-                b_mask = b_offs < B
-                bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
-                tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
+        # batch blocks outer, capsules inner: the block's V and gs tiles stay cache resident
+        for blk in range(group, n_blocks, n_groups):
+            b_offs = tl.arange(0, BLOCK_B).to(tl.int64) + blk * BLOCK_B
+            b_mask = b_offs < B
+            bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
+            tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
+            for i in range(i_start, i_end):
                 uhat = _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs,
                                         jd_mask, FUSED, BLOCK_B, BJ, BD)
                 grad = _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_mask, B, J, D,
                                              iterations, DETACH, BLOCK_B, BJ, BD)
                 u_rows = (b_offs * I + i) * DIN  # (BLOCK_B,) offsets of u[b, i, 0] and grad_u[b, i, 0]
+                w_rows = W_ptr + (i * J * D + jd_offs) * DIN  # (BJ, BD) pointers to W[i, j, d, 0]
+                gw_rows = grad_W_part_ptr + (group.to(tl.int64) * I * J * D + i * J * D + jd_offs) * DIN
                 # this program alone owns grad_W_part[group, i]: it accumulates there over its batch
                 # blocks (read-modify-write in a fixed order, so deterministic); the barrier makes the
                 # previous block's stores visible to every thread of the program.
