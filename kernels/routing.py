@@ -178,6 +178,16 @@ def routing_pass_kernel(
 # per-iteration finishing kernels: reduce the chunk partials, squash / squash backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _sample_tile(J, D, BJ: tl.constexpr, BD: tl.constexpr):
+    """Offsets and mask of sample program_id(0)'s (J, D) block of a (B, J, D) tensor, padded to (BJ, BD)."""
+    b = tl.program_id(0).to(tl.int64)
+    j_offs = tl.arange(0, BJ)
+    d_offs = tl.arange(0, BD)
+    mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    return b * J * D + j_offs[:, None] * D + d_offs[None, :], mask
+
+
+@triton.jit
 def routing_fwd_finish_kernel(
     part_ptr,         # (n_chunks, B, J, D) fp32 partial sums of s^t
     n_chunks,         # number of partials
@@ -192,11 +202,7 @@ def routing_fwd_finish_kernel(
     BJ: tl.constexpr,
     BD: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    j_offs = tl.arange(0, BJ)
-    d_offs = tl.arange(0, BD)
-    mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
-    offs = b * J * D + j_offs[:, None] * D + d_offs[None, :]
+    offs, mask = _sample_tile(J, D, BJ, BD)
     s = tl.zeros((BJ, BD), dtype=tl.float32)
     for p in range(n_chunks):
         s += tl.load(part_ptr + p * B * J * D + offs, mask=mask, other=0.0)
@@ -227,11 +233,7 @@ def routing_bwd_finish_kernel(
     BJ: tl.constexpr,
     BD: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    j_offs = tl.arange(0, BJ)
-    d_offs = tl.arange(0, BD)
-    mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
-    offs = b * J * D + j_offs[:, None] * D + d_offs[None, :]
+    offs, mask = _sample_tile(J, D, BJ, BD)
     g = tl.zeros((BJ, BD), dtype=tl.float32)
     if HAS_PARTS:
         if ACCUMULATE:
