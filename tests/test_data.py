@@ -215,3 +215,14 @@ def test_local_gz_used_and_corrupt_file_never_used(real_raw, tmp_path):
     with pytest.raises(D.DataUnavailableError, match="train-labels-idx1-ubyte.gz: .*sha256 mismatch"):
         D.prepare_mnist(tmp_path, download=False, log=lambda s: None)
     assert not (raw / "train-labels-idx1-ubyte").exists()
+
+
+def test_unknown_dataset_and_missing_tools(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        D.prepare_mnist(tmp_path, dataset="cifar10")
+    assert D.FASHION_MNIST_FILES.keys() == D.MNIST_FILES.keys()
+    assert not {v[2] for v in D.FASHION_MNIST_FILES.values()} & {v[2] for v in D.MNIST_FILES.values()}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
+    monkeypatch.setattr(D, "FASHION_DEB_DIR", "nonexistent/fashion-mnist")
+    with pytest.raises(D.DataUnavailableError, match="apt-get is not available"):
+        D._from_deb(tmp_path, timeout=10, log=lambda s: None)
