@@ -496,12 +496,12 @@ def _compile_cases():
         f32 = "*fp32"
         sizes = {"B": "i32", "I": "i32", "J": "i32", "D": "i32", "DIN": "i32"}
         for fused in (True, False):
-            for backward in (False, True):
+            for first, backward in ((True, False), (False, False), (False, True)):
                 for cfg in prune_to_registers(PASS_CONFIGS, {}, **dims):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_ptr": f32, "gs_ptr": f32, "part_ptr": f32,
                            **sizes, "caps_per_chunk": "i32", "B_BUCKET": "i32"}
-                    const = {"FIRST": False, "BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
-                    cases.append({"name": f"routing_pass[{dtype},fused={fused},backward={backward}]",
+                    const = {"FIRST": first, "BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
+                    cases.append({"name": f"routing_pass[{dtype},fused={fused},first={first},backward={backward}]",
                                   "fn": routing_pass_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             for detach in (False, True):
