@@ -92,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.shift < 0:
         p.error(f"--shift must be >= 0, got {args.shift}")
+    for name in ("lr", "lr_decay", "lr_final", "time_budget"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.recon_weight < 0:
+        p.error(f"--recon-weight must be >= 0, got {args.recon_weight}")
     return args
 
 
@@ -103,6 +109,9 @@ def resolve(args: argparse.Namespace) -> dict:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise SystemExit("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, very slow); "
+                         f"this run is on {device}: use --backend torch or auto")
     demo = device.type != "cuda" and not args.full
     base = DEMO if demo else PAPER
     pick = lambda flag, key: flag if flag is not None else base[key]  # noqa: E731

@@ -42,8 +42,8 @@ def mnist_dir():
 
 
 def test_random_shift_is_a_zero_filled_translation():
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(64, 2, 7, 9) + 0.1  # strictly positive: zero fill is visible
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = torch.rand(64, 2, 7, 9, device="cpu") + 0.1  # strictly positive: zero fill is visible
     out = train.random_shift(x, 2, g)
     assert out.shape == x.shape
     seen = set()
@@ -107,7 +107,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
     state = load_checkpoint(path)
     assert state["epoch"] == 1 and state["args"] == {"a": 1, "p": "x"}
-    torch.testing.assert_close(state["model"]["weight"], model.weight.detach())
+    torch.testing.assert_close(state["model"]["weight"], model.weight.detach().cpu())
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
 
