@@ -113,10 +113,10 @@ def prune_to_registers(configs, named_args, **kwargs):
 
 # The first config of each list is the default (the interpreter and the test suite run only it).
 PASS_CONFIGS = [
-    triton.Config({"BLOCK_B": 16}, num_warps=8),
-    triton.Config({"BLOCK_B": 8}, num_warps=4),
-    triton.Config({"BLOCK_B": 16}, num_warps=16),
-    triton.Config({"BLOCK_B": 4}, num_warps=4),
+    triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_B": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_B": 16}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_B": 4}, num_warps=4, num_stages=1),
 ]
 
 
@@ -133,7 +133,6 @@ def routing_pass_kernel(
     B, I, J, D, DIN,  # sizes
     caps_per_chunk,   # input capsules per program along grid axis 1
     B_BUCKET,         # autotune key: batch rounded up to a power of two
-    FIRST: tl.constexpr,     # forward iteration 1: V = 0, so c = 1/J (no logits needed)
     BACKWARD: tl.constexpr,  # False: sum_i c_ij u_hat_ij; True: sum_i gb_ij u_hat_ij
     FUSED: tl.constexpr,
     BLOCK_B: tl.constexpr,   # samples per program
@@ -152,8 +151,7 @@ def routing_pass_kernel(
     bjd_offs = (b_offs * J * D)[:, None, None] + jd_offs[None, :, :]
     tile_mask = b_mask[:, None, None] & jd_mask[None, :, :]
 
-    if not FIRST:
-        V = tl.load(V_ptr + bjd_offs, mask=tile_mask, other=0.0)
+    V = tl.load(V_ptr + bjd_offs, mask=tile_mask, other=0.0)
     if BACKWARD:
         gs = tl.load(gs_ptr + bjd_offs, mask=tile_mask, other=0.0)
     acc = tl.zeros((BLOCK_B, BJ, BD), dtype=tl.float32)
@@ -162,15 +160,10 @@ def routing_pass_kernel(
     for i in range(i_start, i_end):
         uhat = _prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, J, D, DIN, jd_offs, jd_mask,
                                 FUSED, BLOCK_B, BJ, BD)
-        if FIRST:
-            acc += uhat
-        else:
-            c = _coupling(uhat, V, j_mask)
-            if BACKWARD:
-                c = _softmax_grad(c, uhat, gs)
-            acc += c[:, :, None] * uhat
-    if FIRST:
-        acc = acc / J
+        c = _coupling(uhat, V, j_mask)
+        if BACKWARD:
+            c = _softmax_grad(c, uhat, gs)
+        acc += c[:, :, None] * uhat
     tl.store(part_ptr + chunk * B * J * D + bjd_offs, acc, mask=tile_mask)
 
 
@@ -401,7 +394,7 @@ def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
         first, last = t == 0, t == iterations - 1
         routing_pass_kernel[grid](
             u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t], V_all[t], part,
-            B, I, J, D, din, caps, batch_bucket(B), FIRST=first, BACKWARD=False, FUSED=fused, **dims)
+            B, I, J, D, din, caps, batch_bucket(B), BACKWARD=False, FUSED=fused, **dims)
         routing_fwd_finish_kernel[(B,)](
             part, n_chunks, s_all[t], V_all[t], V_all[t + 1] if not last else V_all[t], v, B, J, D, ROUTING_EPS,
             FIRST=first, LAST=last, **dims)
@@ -430,7 +423,7 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
             routing_pass_kernel[pass_grid](
                 u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t + 1],
                 gs_all[t + 1], part, B, I, J, D, din, caps, batch_bucket(B),
-                FIRST=False, BACKWARD=True, FUSED=fused, **dims)
+                BACKWARD=True, FUSED=fused, **dims)
         routing_bwd_finish_kernel[(B,)](
             part, n_chunks, G, grad_v, s_all[t], gs_all[t], B, J, D, ROUTING_EPS,
             HAS_PARTS=has_parts, ACCUMULATE=t < iterations - 2, LAST=not has_parts, **dims)
@@ -496,12 +489,12 @@ def _compile_cases():
         f32 = "*fp32"
         sizes = {"B": "i32", "I": "i32", "J": "i32", "D": "i32", "DIN": "i32"}
         for fused in (True, False):
-            for first, backward in ((True, False), (False, False), (False, True)):
+            for backward in (False, True):
                 for cfg in prune_to_registers(PASS_CONFIGS, {}, **dims):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_ptr": f32, "gs_ptr": f32, "part_ptr": f32,
                            **sizes, "caps_per_chunk": "i32", "B_BUCKET": "i32"}
-                    const = {"FIRST": first, "BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
-                    cases.append({"name": f"routing_pass[{dtype},fused={fused},first={first},backward={backward}]",
+                    const = {"BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
+                    cases.append({"name": f"routing_pass[{dtype},fused={fused},backward={backward}]",
                                   "fn": routing_pass_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             for detach in (False, True):
