@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._io import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -28,8 +29,6 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
                     scheduler: Any = None, epoch: int, args: dict | None = None, **extra: Any) -> Path:
     """Save state_dicts + epoch + args to ``path`` via a temporary file and os.replace,
     so an interrupted save never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -38,21 +37,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
         "args": _plain(args or {}),
         **{k: _plain(v) for k, v in extra.items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ._io import atomic_write
+
 __all__ = [
     "DataUnavailableError", "DataIntegrityError", "prepare_mnist", "load_mnist", "mnist_tensors",
     "default_data_dir", "MNIST_FILES", "FASHION_MNIST_FILES", "DATASETS",
@@ -107,22 +109,7 @@ def check_idx(name: str, data: bytes, files: dict = MNIST_FILES) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _read_gz(path: Path, limit: int) -> bytes:

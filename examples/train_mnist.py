@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 

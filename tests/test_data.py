@@ -2,7 +2,6 @@
 unpickler, exact pixel recovery and the real conversion (cached under <repo>/data)."""
 import gzip
 import hashlib
-import io
 import pickle
 import shutil
 import zipfile

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import capstriton as ct
-from capstriton import kernels as K
 from capstriton.reference import caps_transform_ref, dynamic_routing_ref, transform_route_ref
 from tolerances import FORWARD, GRADIENT, assert_close
 
