@@ -134,3 +134,15 @@ def test_grad_W_is_deterministic_and_batch_groups_agree():
     assert torch.equal(g1, g2)
     _, _, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=2)
     assert_close(g1, gW64, GRADIENT[torch.float32], "grad_W grouped")
+
+
+def test_autotune_pruning_keeps_register_fitting_configs():
+    from capstriton.kernels.routing import GRAD_CONFIGS, PASS_CONFIGS, prune_to_registers
+
+    def picked(configs, BJ, BD):
+        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune_to_registers(configs, {}, BJ=BJ, BD=BD)]
+
+    assert picked(PASS_CONFIGS, 16, 16) == [(16, 8), (8, 4), (16, 16), (4, 4)]  # paper shape: all fit
+    assert picked(PASS_CONFIGS, 32, 16) == [(4, 4)]                             # J = 32: smaller tiles
+    assert picked(GRAD_CONFIGS, 16, 16) == [(16, 8), (16, 16)]
+    assert picked(GRAD_CONFIGS, 64, 16) == [(16, 16)]                           # none fits: the smallest
