@@ -479,18 +479,20 @@ def transform_route_bwd(u, W, s_all, V_all, grad_v, iterations: int, detach: boo
 
 # ----------------------------------------------------------------------------------------------
 # compile check (kernels/compile_check.py): every kernel at the configs it uses for the paper's
-# DigitCaps shape (J = 10 -> BJ = 16, D = 16), fp32 and fp16 inputs.
+# DigitCaps shape (J = 10 -> BJ = 16, D = 16), fp32, fp16 and bf16 inputs.
 # ----------------------------------------------------------------------------------------------
 def _compile_cases():
     dims = {"BJ": 16, "BD": 16}
     cases = []
-    for dtype in ("fp32", "fp16"):
+    for dtype in ("fp32", "fp16", "bf16"):
         src = f"*{dtype}"
+        # every config that survives pruning for fp32/fp16; the default config for bf16
+        pick = (lambda configs: configs) if dtype != "bf16" else (lambda configs: configs[:1])
         f32 = "*fp32"
         sizes = {"B": "i32", "I": "i32", "J": "i32", "D": "i32", "DIN": "i32"}
         for fused in (True, False):
             for backward in (False, True):
-                for cfg in prune_to_registers(PASS_CONFIGS, {}, **dims):
+                for cfg in pick(prune_to_registers(PASS_CONFIGS, {}, **dims)):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_ptr": f32, "gs_ptr": f32, "part_ptr": f32,
                            **sizes, "caps_per_chunk": "i32", "B_BUCKET": "i32"}
                     const = {"BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
@@ -498,7 +500,7 @@ def _compile_cases():
                                   "fn": routing_pass_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             for detach in (False, True):
-                for cfg in prune_to_registers(GRAD_CONFIGS, {}, **dims):
+                for cfg in pick(prune_to_registers(GRAD_CONFIGS, {}, **dims)):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_all_ptr": f32, "gs_all_ptr": f32,
                            "grad_uhat_ptr": src, "grad_u_ptr": src, "grad_W_part_ptr": f32, **sizes,
                            "iterations": "i32", "caps_per_chunk": "i32", "n_groups": "i32", "B_BUCKET": "i32"}
