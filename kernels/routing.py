@@ -181,6 +181,19 @@ def _sample_tile(J, D, BJ: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _sum_partials(part_ptr, n_chunks, chunk_stride, offs, mask, BJ: tl.constexpr, BD: tl.constexpr,
+                  CHUNKS_PER_STEP: tl.constexpr = 8):
+    """sum over p of part[p][offs], CHUNKS_PER_STEP partials per load, in a fixed order."""
+    steps = tl.arange(0, CHUNKS_PER_STEP)
+    acc = tl.zeros((CHUNKS_PER_STEP, BJ, BD), dtype=tl.float32)
+    for p0 in range(0, n_chunks, CHUNKS_PER_STEP):
+        chunk = p0 + steps
+        ptrs = part_ptr + (chunk.to(tl.int64) * chunk_stride)[:, None, None] + offs[None, :, :]
+        acc += tl.load(ptrs, mask=(chunk < n_chunks)[:, None, None] & mask[None, :, :], other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def routing_fwd_finish_kernel(
     part_ptr,         # (n_chunks, B, J, D) fp32 partial sums of s^t
     n_chunks,         # number of partials
@@ -196,9 +209,7 @@ def routing_fwd_finish_kernel(
     BD: tl.constexpr,
 ):
     offs, mask = _sample_tile(J, D, BJ, BD)
-    s = tl.zeros((BJ, BD), dtype=tl.float32)
-    for p in range(n_chunks):
-        s += tl.load(part_ptr + p * B * J * D + offs, mask=mask, other=0.0)
+    s = _sum_partials(part_ptr, n_chunks, B * J * D, offs, mask, BJ, BD)
     tl.store(s_ptr + offs, s, mask=mask)
     f, _ = _squash_scale(tl.sum(s * s, axis=1), eps)
     v = s * f[:, None]
@@ -231,8 +242,7 @@ def routing_bwd_finish_kernel(
     if HAS_PARTS:
         if ACCUMULATE:
             g += tl.load(G_ptr + offs, mask=mask, other=0.0)
-        for p in range(n_chunks):
-            g += tl.load(part_ptr + p * B * J * D + offs, mask=mask, other=0.0)
+        g += _sum_partials(part_ptr, n_chunks, B * J * D, offs, mask, BJ, BD)
         tl.store(G_ptr + offs, g, mask=mask)
     if LAST:
         g += tl.load(grad_v_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -146,3 +146,24 @@ def test_autotune_pruning_keeps_register_fitting_configs():
     assert picked(PASS_CONFIGS, 32, 16) == [(4, 4)]                             # J = 32: smaller tiles
     assert picked(GRAD_CONFIGS, 16, 16) == [(16, 8), (16, 16)]
     assert picked(GRAD_CONFIGS, 64, 16) == [(16, 16)]                           # none fits: the smallest
+
+
+@pytest.mark.parametrize("programs", [1, 40], ids=["one-chunk", "many-chunks"])
+def test_grid_splits_agree(programs, monkeypatch):
+    """The capsule chunking sized for a GPU (many partial sums, reduced 8 at a time with a
+    remainder) and a single chunk give the reference's result."""
+    from capstriton.kernels import routing
+    monkeypatch.setattr(routing, "_target_programs", lambda device: programs)
+    u, W, grad_v = _inputs((3, 33, 4, 5, 3), torch.float32)
+    v = ct.transform_route(u, W, 3, backend="triton")
+    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
+    v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
+    assert_close(v, v64, FORWARD[torch.float32], "v")
+    assert_close(grad_u, gu64, GRADIENT[torch.float32], "grad_u")
+    assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W")
+    u_hat = caps_transform_ref(u.detach(), W.detach()).requires_grad_()
+    v2 = ct.dynamic_routing(u_hat, 3, backend="triton")
+    (g2,) = torch.autograd.grad(v2, u_hat, grad_v)
+    v264, g264 = _ref64(dynamic_routing_ref, (u_hat,), grad_v, iterations=3)
+    assert_close(v2, v264, FORWARD[torch.float32], "v (unfused)")
+    assert_close(g2, g264, GRADIENT[torch.float32], "grad_u_hat")
