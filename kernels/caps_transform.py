@@ -202,9 +202,13 @@ def sum_partials_kernel(
 
 
 
+# triton >= 3.8 accepts K = 8 for fp32 tl.dot; older releases (3.6, 3.7) need K >= 16
+_FP32_K8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
 def _k_min(dtype: torch.dtype) -> int:
-    """Smallest tl.dot K: 8 for fp32 operands, 16 for fp16/bf16."""
-    return 8 if dtype == torch.float32 else 16
+    """Smallest tl.dot K: 8 for fp32 operands (16 before triton 3.8), 16 for fp16/bf16."""
+    return 8 if dtype == torch.float32 and _FP32_K8 else 16
 
 
 def _block_k(din: int, dtype: torch.dtype) -> int:
