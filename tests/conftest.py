@@ -9,8 +9,22 @@ if DEVICE == "cpu":
 os.environ["CAPSTRITON_POISON_OUTPUTS"] = "1"  # kernel outputs start as NaN (kernels/_common.py)
 os.environ["CAPSTRITON_SINGLE_CONFIG"] = "1"   # autotuners keep one config
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The official MNIST files under <repo>/data, provisioned once (and reused by later runs).
+    A machine that cannot provision them fails these tests rather than skipping them."""
+    from capstriton import data
+
+    data.prepare_mnist(REPO_DATA, log=lambda s: None)
+    return REPO_DATA
 
 
 @pytest.fixture(autouse=True)

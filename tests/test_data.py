@@ -27,13 +27,8 @@ TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope="module")
-def real_raw():
-    """The official files under <repo>/data (downloaded once, then reused by every run)."""
-    try:
-        D.prepare_mnist(REPO_DATA, log=lambda s: None)
-    except D.DataUnavailableError as e:
-        pytest.skip(f"MNIST cannot be obtained on this machine: {e}")
-    return REPO_DATA / "MNIST" / "raw"
+def real_raw(mnist_root):
+    return mnist_root / "MNIST" / "raw"
 
 
 class _Touch:

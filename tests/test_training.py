@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from capstriton import data as D
 from capstriton.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_DATA = ROOT / "data"
 
 
 def _load_script():
@@ -33,12 +31,8 @@ def _restore_threads():
 
 
 @pytest.fixture(scope="module")
-def mnist_dir():
-    try:
-        D.prepare_mnist(REPO_DATA, log=lambda s: None)
-    except D.DataUnavailableError as e:
-        pytest.skip(f"MNIST cannot be obtained on this machine: {e}")
-    return REPO_DATA
+def mnist_dir(mnist_root):
+    return mnist_root
 
 
 def test_random_shift_is_a_zero_filled_translation():
