@@ -97,19 +97,33 @@ def _elements_per_thread(config: triton.Config, BJ: int, BD: int) -> float:
 
 
 def _fits_registers(config: triton.Config, BJ: int, BD: int) -> bool:
-    """A (BLOCK_B, BJ, BD) fp32 tile of at most 16 elements per thread (8 with 16 warps, where
-    the register cap falls to 128) keeps the passes free of spills (measured with ptxas -v
-    for sm_80/sm_90, see kernels/compile_check.py)."""
+    """Rule of thumb for tile widths not in the measured tables: a (BLOCK_B, BJ, BD) fp32 tile of
+    at most 16 elements per thread (8 with 16 warps, where the register cap falls to 128)."""
     per_thread = _elements_per_thread(config, BJ, BD)
     return per_thread <= (8 if config.num_warps >= 16 else 16)
 
 
-def prune_to_registers(configs, named_args, **kwargs):
-    """early_config_prune: drop configs whose tiles would spill; keep the smallest otherwise."""
-    BJ, BD = kwargs["BJ"], kwargs["BD"]
-    fitting = [c for c in configs if _fits_registers(c, BJ, BD)]
-    return fitting or [min(configs, key=lambda c: _elements_per_thread(c, BJ, BD))]
+def _register_pruner(measured: dict):
+    """early_config_prune keeping the configs measured spill-free for the padded tile width
+    BJ*BD (ptxas -v on sm_80/sm_90 under triton 3.6 and 3.8, see kernels/compile_check.py); for
+    other widths the rule of thumb above, and the config with the smallest tile if none fits."""
+    def prune(configs, named_args, **kwargs):
+        BJ, BD = kwargs["BJ"], kwargs["BD"]
+        known = measured.get(BJ * BD)
+        if known is not None:
+            fitting = [c for c in configs if (c.kwargs["BLOCK_B"], c.num_warps) in known]
+        else:
+            fitting = [c for c in configs if _fits_registers(c, BJ, BD)]
+        return fitting or [min(configs, key=lambda c: _elements_per_thread(c, BJ, BD))]
+    return prune
 
+
+# (BLOCK_B, num_warps) measured spill-free, by padded tile width BJ*BD
+PASS_MEASURED = {256: {(16, 8), (8, 4), (16, 16), (4, 4)}, 512: {(8, 8)}}
+# 512 (J = 17..32): (8, 8) spills on sm_80 under triton 3.6 only; nothing wider is spill-free
+GRAD_MEASURED = {256: {(16, 8)}, 512: {(8, 8)}}
+prune_pass_configs = _register_pruner(PASS_MEASURED)
+prune_grad_configs = _register_pruner(GRAD_MEASURED)
 
 # The first config of each list is the default (the interpreter and the test suite run only it).
 PASS_CONFIGS = [
@@ -117,11 +131,12 @@ PASS_CONFIGS = [
     triton.Config({"BLOCK_B": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_B": 16}, num_warps=16, num_stages=1),
     triton.Config({"BLOCK_B": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1),
 ]
 
 
 @triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
-                 prune_configs_by={"early_config_prune": prune_to_registers}, **autotune_cache_kwargs())
+                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
 @triton.jit
 def routing_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
@@ -274,15 +289,16 @@ def _grad_prediction_tile(uhat, V_all_ptr, gs_all_ptr, bjd_offs, tile_mask, j_ma
     return grad
 
 
-# One config: the only one measured spill-free on sm_80 and sm_90 under both triton 3.6 and
-# 3.8 (16 warps spills under 3.6, BLOCK_B = 8 under 3.8 on sm_80).
+# For the paper's tile width one config is spill-free on sm_80 and sm_90 under both triton
+# 3.6 and 3.8 (16 warps spills under 3.6, BLOCK_B = 8 under 3.8 on sm_80).
 GRAD_CONFIGS = [
     triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1),
 ]
 
 
 @triton.autotune(configs=autotune_configs(GRAD_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "iterations", "FUSED", "DETACH"],
-                 prune_configs_by={"early_config_prune": prune_to_registers}, **autotune_cache_kwargs())
+                 prune_configs_by={"early_config_prune": prune_grad_configs}, **autotune_cache_kwargs())
 @triton.jit
 def routing_grad_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED)
@@ -490,12 +506,13 @@ def transform_route_bwd(u, W, s_all, V_all, grad_v, iterations: int, detach: boo
 
 # ----------------------------------------------------------------------------------------------
 # compile check (kernels/compile_check.py): every kernel at the configs it uses for the paper's
-# DigitCaps shape (J = 10 -> BJ = 16, D = 16), fp32, fp16 and bf16 inputs.
+# DigitCaps shape (J = 10 -> BJ = 16, D = 16; fp32, fp16 and bf16 inputs) and for the wider
+# benchmark shape (J = 32 -> BJ = 32; fp32 and fp16).
 # ----------------------------------------------------------------------------------------------
 def _compile_cases():
-    dims = {"BJ": 16, "BD": 16}
     cases = []
-    for dtype in ("fp32", "fp16", "bf16"):
+    for dtype, BJ in (("fp32", 16), ("fp16", 16), ("bf16", 16), ("fp32", 32), ("fp16", 32)):
+        dims = {"BJ": BJ, "BD": 16}
         src = f"*{dtype}"
         # every config that survives pruning for fp32/fp16; the default config for bf16
         pick = (lambda configs: configs) if dtype != "bf16" else (lambda configs: configs[:1])
@@ -503,34 +520,34 @@ def _compile_cases():
         sizes = {"B": "i32", "I": "i32", "J": "i32", "D": "i32", "DIN": "i32"}
         for fused in (True, False):
             for backward in (False, True):
-                for cfg in pick(prune_to_registers(PASS_CONFIGS, {}, **dims)):
+                for cfg in pick(prune_pass_configs(PASS_CONFIGS, {}, **dims)):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_ptr": f32, "gs_ptr": f32, "part_ptr": f32,
                            **sizes, "caps_per_chunk": "i32", "B_BUCKET": "i32"}
                     const = {"BACKWARD": backward, "FUSED": fused, **cfg.kwargs, **dims}
-                    cases.append({"name": f"routing_pass[{dtype},fused={fused},backward={backward}]",
+                    cases.append({"name": f"routing_pass[{dtype},BJ={BJ},fused={fused},backward={backward}]",
                                   "fn": routing_pass_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             for detach in (False, True):
-                for cfg in pick(prune_to_registers(GRAD_CONFIGS, {}, **dims)):
+                for cfg in pick(prune_grad_configs(GRAD_CONFIGS, {}, **dims)):
                     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "V_all_ptr": f32, "gs_all_ptr": f32,
                            "grad_uhat_ptr": src, "grad_u_ptr": src, "grad_W_part_ptr": f32, **sizes,
                            "iterations": "i32", "caps_per_chunk": "i32", "n_groups": "i32", "B_BUCKET": "i32"}
                     const = {"DETACH": detach, "FUSED": fused, **cfg.kwargs, **dims}
-                    cases.append({"name": f"routing_grad[{dtype},fused={fused},detach={detach}]",
+                    cases.append({"name": f"routing_grad[{dtype},BJ={BJ},fused={fused},detach={detach}]",
                                   "fn": routing_grad_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         bjd = {"B": "i32", "J": "i32", "D": "i32", "eps": "fp32"}
         for first, last in ((True, False), (False, False), (False, True)):
             sig = {"part_ptr": f32, "n_chunks": "i32", "s_ptr": f32, "V_prev_ptr": f32, "V_next_ptr": f32,
                    "v_ptr": src, **bjd}
-            cases.append({"name": f"routing_fwd_finish[{dtype},first={first},last={last}]",
+            cases.append({"name": f"routing_fwd_finish[{dtype},BJ={BJ},first={first},last={last}]",
                           "fn": routing_fwd_finish_kernel, "signature": sig,
                           "constexprs": {"FIRST": first, "LAST": last, **dims}, "num_warps": 4, "num_stages": 3})
         for has_parts, accumulate, last in ((False, False, True), (True, False, False), (True, True, False)):
             sig = {"part_ptr": f32, "n_chunks": "i32", "G_ptr": f32, "grad_v_ptr": src, "s_ptr": f32,
                    "gs_ptr": f32, **bjd}
             const = {"HAS_PARTS": has_parts, "ACCUMULATE": accumulate, "LAST": last, **dims}
-            cases.append({"name": f"routing_bwd_finish[{dtype},parts={has_parts},acc={accumulate}]",
+            cases.append({"name": f"routing_bwd_finish[{dtype},BJ={BJ},parts={has_parts},acc={accumulate}]",
                           "fn": routing_bwd_finish_kernel, "signature": sig, "constexprs": const,
                           "num_warps": 4, "num_stages": 3})
     return cases

@@ -137,15 +137,17 @@ def test_grad_W_is_deterministic_and_batch_groups_agree():
 
 
 def test_autotune_pruning_keeps_register_fitting_configs():
-    from capstriton.kernels.routing import GRAD_CONFIGS, PASS_CONFIGS, prune_to_registers
+    from capstriton.kernels.routing import GRAD_CONFIGS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs
 
-    def picked(configs, BJ, BD):
-        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune_to_registers(configs, {}, BJ=BJ, BD=BD)]
+    def picked(prune, configs, BJ, BD):
+        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune(configs, {}, BJ=BJ, BD=BD)]
 
-    assert picked(PASS_CONFIGS, 16, 16) == [(16, 8), (8, 4), (16, 16), (4, 4)]  # paper shape: all fit
-    assert picked(PASS_CONFIGS, 32, 16) == [(4, 4)]                             # J = 32: smaller tiles
-    assert picked(GRAD_CONFIGS, 16, 16) == [(16, 8)]
-    assert picked(PASS_CONFIGS, 64, 16) == [(16, 16)]  # none fits: the fewest elements per thread
+    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16) == [(16, 8), (8, 4), (16, 16), (4, 4)]  # paper
+    assert picked(prune_pass_configs, PASS_CONFIGS, 32, 16) == [(8, 8)]   # J = 32: measured table
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 16, 16) == [(16, 8)]
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 32, 16) == [(8, 8)]
+    assert picked(prune_pass_configs, PASS_CONFIGS, 8, 8) == [(16, 8), (8, 4), (16, 16), (4, 4), (8, 8)]  # rule
+    assert picked(prune_pass_configs, PASS_CONFIGS, 64, 16) == [(16, 16)]  # none fits: the smallest tile
 
 
 @pytest.mark.parametrize("programs", [1, 40], ids=["one-chunk", "many-chunks"])
