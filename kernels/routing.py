@@ -295,6 +295,9 @@ GRAD_CONFIGS = [
     triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1),
 ]
+# the launcher makes at most cdiv(B, 32) batch groups: with BLOCK_B <= 32 each group gets a
+# batch block, so every group's weight-gradient partial is written
+assert all(c.kwargs["BLOCK_B"] <= 32 for c in GRAD_CONFIGS)
 
 
 @triton.autotune(configs=autotune_configs(GRAD_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "iterations", "FUSED", "DETACH"],
