@@ -24,11 +24,12 @@ def test_opcheck(name):
     torch.library.opcheck(op, args)
 
 
-def test_compiled_digitcaps_fullgraph_matches_eager():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_digitcaps_fullgraph_matches_eager(compile_backend):
     torch._dynamo.reset()
     layer = ct.DigitCaps(in_caps=6, in_dim=4, out_caps=3, out_dim=5, iterations=3, backend="triton")
     u = torch.randn(4, 6, 4, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
     v = compiled(u)
     v.square().sum().backward()
     grad_u, grad_W = u.grad.clone(), layer.weight.grad.clone()
