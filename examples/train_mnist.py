@@ -208,6 +208,28 @@ def learning_rate(cfg: dict, step: int, elapsed: float, total_steps: int) -> flo
     return cfg["lr"] * cfg["lr_final"] ** min(progress, 1.0)
 
 
+def triton_self_check(device: torch.device) -> str | None:
+    """None when the fused Triton kernels match the PyTorch reference (values and gradients) on
+    a small DigitCaps problem on ``device``; otherwise what went wrong.  Guards the default run
+    (backend auto) on a GPU whose driver/toolchain the kernels have not met before."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        u = 0.5 * torch.randn(8, 64, 8, device=device, generator=gen)
+        W = 0.1 * torch.randn(64, 10, 16, 8, device=device, generator=gen)
+        results = []
+        for backend in ("triton", "torch"):
+            uu, WW = u.clone().requires_grad_(), W.clone().requires_grad_()
+            v = ct.transform_route(uu, WW, 3, backend=backend)
+            results.append((v, *torch.autograd.grad(v.square().sum(), (uu, WW))))
+        for name, got, ref in zip(("v", "grad_u", "grad_W"), *results):
+            err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            if not err <= 1e-3:
+                return f"{name} differs from the reference by {err:.2e}"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not train on these kernels
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def main(argv=None) -> dict:
     from tqdm import tqdm
 
@@ -247,11 +269,19 @@ def main(argv=None) -> dict:
     print(f"data: {args.dataset}, {n_train} training images, {n_test} test images", flush=True)
 
     # --- model and optimizer
+    backend = args.backend
+    if backend == "auto" and device.type == "cuda":
+        problem = triton_self_check(device)
+        if problem is not None:
+            backend = "torch"
+            print(f"WARNING: the Triton kernels failed their start-up check on this GPU ({problem}); "
+                  "training on the plain-PyTorch backend instead. Please report this.", flush=True)
+    cfg["backend"] = backend
     model = ct.CapsNet(conv_channels=cfg["model"]["conv_channels"], primary_caps=cfg["model"]["primary_caps"],
-                       iterations=args.iterations, detach=args.detach, backend=args.backend).to(device)
+                       iterations=args.iterations, detach=args.detach, backend=backend).to(device)
     cfg["parameters"] = sum(p.numel() for p in model.parameters())
     print(f"model: CapsNet, {cfg['parameters']:,} parameters, {args.iterations} routing iterations, "
-          f"backend={args.backend}", flush=True)
+          f"backend={backend}", flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     step_model = torch.compile(model) if args.compile else model
 

@@ -159,3 +159,17 @@ def test_time_budget_stops_training_and_still_evaluates(mnist_dir, tmp_path, cap
     assert summary["epochs_run"] == 1 and summary["steps"] == 1
     assert "stopped by the time budget" in capsys.readouterr().out
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and (out / "reconstructions.png").is_file()
+
+
+def test_triton_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
+    device = torch.device("cpu")  # kernels run under the interpreter in the suite
+    assert train.triton_self_check(device) is None
+    from capstriton import kernels
+
+    real = kernels.transform_route_fwd
+
+    def off_by_a_bit(u, W, iterations):
+        v, s_all, V_all = real(u, W, iterations)
+        return v * 1.01, s_all, V_all
+    monkeypatch.setattr(kernels, "transform_route_fwd", off_by_a_bit)
+    assert "v differs" in train.triton_self_check(device)
