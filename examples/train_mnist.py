@@ -222,6 +222,7 @@ def triton_self_check(device: torch.device) -> str | None:
             v = ct.transform_route(uu, WW, 3, backend=backend)
             results.append((v, *torch.autograd.grad(v.square().sum(), (uu, WW))))
         for name, got, ref in zip(("v", "grad_u", "grad_W"), *results):
+            got, ref = got.detach(), ref.detach()
             err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             if not err <= 1e-3:
                 return f"{name} differs from the reference by {err:.2e}"
