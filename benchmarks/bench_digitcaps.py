@@ -34,6 +34,7 @@ backward, Adam step) with backend="triton" and backend="torch".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -127,7 +128,7 @@ def model_throughput(backend: str, batch: int, steps: int, device, dtype, model_
         size, classes = model.image_size, model.num_classes
         x = torch.rand(batch, model.in_channels, size, size, device=device)
         y = torch.randint(0, classes, (batch,), device=device)
-        ac = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else _nullcontext()
+        ac = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -156,14 +157,6 @@ def model_throughput(backend: str, batch: int, steps: int, device, dtype, model_
     log(f"capsnet_train batch={batch} {backend:6s} "
         + (f"{row['images_per_s']:.1f} images/s" if not row["error"] else f"ERROR {row['error']}"))
     return row
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sync(device):

@@ -1,24 +1,11 @@
 """Backend dispatch: "torch" (plain-PyTorch reference), "triton" (kernels) or "auto"."""
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .kernels._common import interpreter_enabled
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_backend(backend, *tensors: torch.Tensor) -> str:
@@ -29,12 +16,10 @@ def resolve_backend(backend, *tensors: torch.Tensor) -> str:
     if backend == "auto":
         if tensors and any(t.dtype == torch.float64 for t in tensors):
             return "torch"  # the kernels compute in fp32; float64 stays on the reference
-        if triton_available() and (on_cuda or interpreter_enabled()):
+        if on_cuda or interpreter_enabled():
             return "triton"
         return "torch"
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
         if not (on_cuda or interpreter_enabled()):
             devices = sorted({str(t.device) for t in tensors})
             raise ValueError(

@@ -28,6 +28,8 @@ import re
 import sys
 from pathlib import Path
 
+from .kernels._common import interpreter_enabled
+
 FORMAT = 1
 _SKIP_MODULES = {"compile_check"}
 
@@ -221,7 +223,7 @@ def ensure_tuned_configs_loaded() -> int:
         return 0
     _LOADED = True
     if os.environ.get("CAPSTRITON_TUNED_CONFIGS", "1") == "0" or \
-            os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            interpreter_enabled():
         return 0
     try:
         return load_tuned_configs()
@@ -319,7 +321,7 @@ def format_records(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         print("error: TRITON_INTERPRET is set; tuning times the compiled kernels on a GPU, unset it",
               file=sys.stderr)
         return 2

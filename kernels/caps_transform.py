@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, on_device,
                       use_tuned_configs)
+from .partials import MAX_GROUPS, sum_partials
 
-MAX_GROUPS = 8          # batch groups (partial buffers) for grad_W
 _TARGET_PROGRAMS = 1024  # grad_W programs wanted before adding batch groups
 _GROUP_ROWS = 16         # at least this many batch rows per group
 
@@ -50,7 +50,6 @@ BWD_U_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2), _cf
                  _cfg(128, 32, 8, 2)]
 BWD_W_CONFIGS = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 128, 4, 2), _cfg(128, 32, 4, 3),
                  _cfg(64, 128, 8, 2)]
-SUM_BLOCK = 1024
 _FMA_DOT_BUDGET = 256  # BLOCK_B * BLOCK_N * BLOCK_K per thread above which fp32 "ieee" tiles spill
 
 
@@ -183,25 +182,6 @@ def caps_transform_bwd_w_kernel(
              mask=n_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
-def sum_partials_kernel(
-    p_ptr,            # (G, E) fp32 partial sums
-    out_ptr,          # (E,) result, any float dtype (written)
-    E,                # elements per partial
-    G,                # number of partials, summed in order 0..G-1
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < E
-    ptrs = p_ptr + offs
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _ in range(0, G):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += E
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-
 # triton >= 3.8 accepts K = 8 for fp32 tl.dot; older releases (3.6, 3.7) need K >= 16
 _FP32_K8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8)
 
@@ -271,14 +251,11 @@ def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
     G = num_batch_groups(B, I, N, Din) if groups is None else int(groups)
     if not 1 <= G <= MAX_GROUPS:
         raise ValueError(f"groups must be in [1, {MAX_GROUPS}], got {G}")
-    grad_W = empty(*W.shape, dtype=W.dtype, device=W.device)
-    partial = grad_W if G == 1 else empty(G, *W.shape, dtype=torch.float32, device=W.device)
+    # with one group the kernel writes grad_W itself, in W's dtype
+    partial = empty(G, *W.shape, dtype=W.dtype if G == 1 else torch.float32, device=W.device)
     caps_transform_bwd_w_kernel[lambda meta: (k_blocks * triton.cdiv(N, meta["BLOCK_N"]) * I * G,)](
         grad, u, partial, B, I, N, Din, bucket, G, BLOCK_K=block_k, INPUT_PRECISION=precision)
-    if G > 1:
-        E = W.numel()
-        sum_partials_kernel[(triton.cdiv(E, SUM_BLOCK),)](partial, grad_W, E, G, BLOCK=SUM_BLOCK, num_warps=4)
-    return grad_u, grad_W
+    return grad_u, sum_partials(partial, W.dtype)
 
 
 def _compile_cases() -> list[dict]:
@@ -302,9 +279,6 @@ def _compile_cases() -> list[dict]:
             constexprs = dict(cfg.kwargs, BLOCK_K=block_k, INPUT_PRECISION=precision)
             cases.append(dict(name=f"{name}_{dtype}", fn=tuner.fn, signature=sig, constexprs=constexprs,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        cases.append(dict(name=f"sum_partials_{dtype}", fn=sum_partials_kernel,
-                          signature={"p_ptr": "*fp32", "out_ptr": f"*{dtype}", "E": "i32", "G": "i32"},
-                          constexprs={"BLOCK": SUM_BLOCK}, num_warps=4, num_stages=1))
     return cases
 
 

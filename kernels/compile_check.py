@@ -38,12 +38,10 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from capstriton.kernels._common import interpreter_enabled
+
 DEFAULT_ARCHS = (80, 90)
 _SKIP_MODULES = {"compile_check"}
-
-
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def kernel_modules() -> list[str]:
@@ -75,7 +73,7 @@ def _jit_function(fn):
     while not isinstance(fn, JITFunction):
         if not hasattr(fn, "fn") or seen > 8:
             raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}"
-                            + (" (TRITON_INTERPRET is set)" if _interpreter_enabled() else ""))
+                            + (" (TRITON_INTERPRET is set)" if interpreter_enabled() else ""))
         fn, seen = fn.fn, seen + 1
     return fn
 
@@ -294,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="re-run ptxas instead of using cached numbers")
     args = parser.parse_args(argv)
 
-    if _interpreter_enabled():
+    if interpreter_enabled():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "capstriton.kernels.compile_check", *argv], env=env)
 

@@ -28,7 +28,7 @@ sum_i gb^t u for G^{t-1}, and `routing_bwd_finish_kernel` turns it into gs^{t-1}
 final pass (`routing_grad_kernel`) recomputes c^t and gb^t for every t and writes dL/du_hat
 (unfused) or, fused, dL/du = sum_j W^T dL/du_hat and per-group partial sums of
 dL/dW = sum_b dL/du_hat (x) u, reduced over the fixed number of groups by
-`sum_partials_kernel` (deterministic, no atomics).
+`kernels/partials.py` (deterministic, no atomics).
 With detach=True the logits do not depend on u_hat, so dL/du_ij = c^r_ij gs^r_j: no
 reduction passes, only the final pass with t = r.
 
@@ -36,13 +36,15 @@ All statistics are fp32; inputs may be fp32, fp16 or bf16; results are cast to t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, empty,
                       interpreter_enabled, on_device, use_tuned_configs)
-from .caps_transform import SUM_BLOCK, sum_partials_kernel
+from .partials import MAX_GROUPS, sum_partials
 from .squash import _squash_scale
 
 ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as capstriton.reference)
@@ -218,7 +220,6 @@ def routing_fwd_finish_kernel(
     v_ptr,            # (B, J, D) out, input dtype: v^r (LAST only)
     B, J, D,
     eps,              # squash epsilon
-    FIRST: tl.constexpr,  # V^{t-1} = 0
     LAST: tl.constexpr,   # t = r: write the output instead of V^t
     BJ: tl.constexpr,
     BD: tl.constexpr,
@@ -231,8 +232,7 @@ def routing_fwd_finish_kernel(
     if LAST:
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     else:
-        if not FIRST:
-            v += tl.load(V_prev_ptr + offs, mask=mask, other=0.0)
+        v += tl.load(V_prev_ptr + offs, mask=mask, other=0.0)
         tl.store(V_next_ptr + offs, v, mask=mask)
 
 
@@ -389,7 +389,12 @@ def _target_programs(device: torch.device) -> int:
     """About four programs per SM; the interpreter runs programs one by one, so few there."""
     if interpreter_enabled() or device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _chunking(B: int, I: int, device: torch.device) -> tuple[int, int]:
@@ -398,6 +403,11 @@ def _chunking(B: int, I: int, device: torch.device) -> tuple[int, int]:
     n_chunks = max(1, min(I, triton.cdiv(_target_programs(device), batch_blocks)))
     caps = triton.cdiv(I, n_chunks)
     return triton.cdiv(I, caps), caps
+
+
+def _pass_grid(B: int, n_chunks: int):
+    """Grid of the streaming passes (and the unfused final pass): batch blocks x capsule chunks."""
+    return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)
 
 
 def _dims(J: int, D: int) -> dict:
@@ -417,17 +427,17 @@ def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
     part = empty(n_chunks, B, J, D, dtype=torch.float32, device=dev)
     s_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
     V_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
-    V_all[0].zero_()
+    V_all[0].zero_()  # V^0 = 0: the first iteration's logits vanish, its coupling is uniform
     v = empty(B, J, D, dtype=src.dtype, device=dev)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
+    grid = _pass_grid(B, n_chunks)
     for t in range(iterations):
-        first, last = t == 0, t == iterations - 1
+        last = t == iterations - 1
         routing_pass_kernel[grid](
             u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t], V_all[t], part,
             B, I, J, D, din, caps, batch_bucket(B), BACKWARD=False, FUSED=fused, **dims)
         routing_fwd_finish_kernel[(B,)](
             part, n_chunks, s_all[t], V_all[t], V_all[t + 1] if not last else V_all[t], v, B, J, D, ROUTING_EPS,
-            FIRST=first, LAST=last, **dims)
+            LAST=last, **dims)
     return v, s_all, V_all
 
 
@@ -445,12 +455,12 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
     gs_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
     G = empty(B, J, D, dtype=torch.float32, device=dev)
     part = empty(n_chunks, B, J, D, dtype=torch.float32, device=dev)
-    pass_grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
+    grid = _pass_grid(B, n_chunks)
     t_stop = iterations - 1 if detach else 0
     for t in range(iterations - 1, t_stop - 1, -1):  # 0-based iteration index
         has_parts = t < iterations - 1
         if has_parts:  # partials of sum_i gb^{t+2} u_hat (1-based) for G^{t+1}
-            routing_pass_kernel[pass_grid](
+            routing_pass_kernel[grid](
                 u if fused else dummy, W if fused else dummy, dummy if fused else u_hat, V_all[t + 1],
                 gs_all[t + 1], part, B, I, J, D, din, caps, batch_bucket(B),
                 BACKWARD=True, FUSED=fused, **dims)
@@ -459,24 +469,16 @@ def _routing_backward(u, W, u_hat, s_all, V_all, grad_v, iterations: int, detach
             HAS_PARTS=has_parts, ACCUMULATE=t < iterations - 2, LAST=not has_parts, **dims)
 
     if fused:
-        I_, J_, D_, K_ = W.shape
         target = _target_programs(dev)
-        n_groups = max(1, min(8, triton.cdiv(B, 32), triton.cdiv(target, I)))
+        n_groups = max(1, min(MAX_GROUPS, triton.cdiv(B, 32), triton.cdiv(target, I)))
         grad_caps = triton.cdiv(I, max(1, min(I, target)))
         grad_u = empty(B, I, din, dtype=u.dtype, device=dev)
         grad_W_part = empty(n_groups, I, J, D, din, dtype=torch.float32, device=dev)
         routing_grad_kernel[(triton.cdiv(I, grad_caps), n_groups)](
             u, W, dummy, V_all, gs_all, dummy, grad_u, grad_W_part, B, I, J, D, din, iterations, grad_caps,
             n_groups, batch_bucket(B), DETACH=detach, FUSED=True, **dims)
-        if n_groups == 1 and W.dtype == torch.float32:
-            grad_W = grad_W_part[0]
-        else:
-            grad_W = empty(I, J, D, din, dtype=W.dtype, device=dev)
-            N = grad_W.numel()
-            sum_partials_kernel[(triton.cdiv(N, SUM_BLOCK),)](grad_W_part, grad_W, N, n_groups, BLOCK=SUM_BLOCK)
-        return grad_u, grad_W
+        return grad_u, sum_partials(grad_W_part, W.dtype)
     grad_uhat = empty(B, I, J, D, dtype=u_hat.dtype, device=dev)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_chunks)  # noqa: E731
     routing_grad_kernel[grid](
         dummy, dummy, u_hat, V_all, gs_all, grad_uhat, dummy, dummy, B, I, J, D, 1, iterations, caps, 1,
         batch_bucket(B), DETACH=detach, FUSED=False, **dims)
@@ -540,12 +542,12 @@ def _compile_cases():
                                   "fn": routing_grad_kernel.fn, "signature": sig, "constexprs": const,
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         bjd = {"B": "i32", "J": "i32", "D": "i32", "eps": "fp32"}
-        for first, last in ((True, False), (False, False), (False, True)):
+        for last in (False, True):
             sig = {"part_ptr": f32, "n_chunks": "i32", "s_ptr": f32, "V_prev_ptr": f32, "V_next_ptr": f32,
                    "v_ptr": src, **bjd}
-            cases.append({"name": f"routing_fwd_finish[{dtype},BJ={BJ},first={first},last={last}]",
+            cases.append({"name": f"routing_fwd_finish[{dtype},BJ={BJ},last={last}]",
                           "fn": routing_fwd_finish_kernel, "signature": sig,
-                          "constexprs": {"FIRST": first, "LAST": last, **dims}, "num_warps": 4, "num_stages": 3})
+                          "constexprs": {"LAST": last, **dims}, "num_warps": 4, "num_stages": 3})
         for has_parts, accumulate, last in ((False, False, True), (True, False, False), (True, True, False)):
             sig = {"part_ptr": f32, "n_chunks": "i32", "G_ptr": f32, "grad_v_ptr": src, "s_ptr": f32,
                    "gs_ptr": f32, **bjd}
