@@ -2,6 +2,7 @@
 interrupted write never leaves a partial file behind."""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -27,3 +28,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             pass
         raise
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``atomic_write(path, ...)`` leaves behind when its
+    process is killed mid-write (call before writing ``path`` again; one writer per path)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

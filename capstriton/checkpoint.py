@@ -9,7 +9,11 @@ import torch
 
 from ._io import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable capstriton checkpoint (truncated, foreign, corrupted)."""
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -41,11 +45,20 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """The checkpoint dict, loaded with weights_only=True (no arbitrary code from the file)."""
+    """The checkpoint dict, loaded with weights_only=True (no arbitrary code from the file).
+
+    FileNotFoundError when ``path`` does not exist; CheckpointError (a ValueError) naming the
+    file when it is truncated, corrupted or not a capstriton checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; name the file instead
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, "
+                              f"corrupted or not a torch checkpoint [{type(e).__name__}: {reason[:200]}]") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise ValueError(f"{path} is not a capstriton training checkpoint (expected keys 'model' and 'epoch')")
+        raise CheckpointError(f"{path} is not a capstriton training checkpoint "
+                              "(expected a dict with keys 'model' and 'epoch')")
     return state
