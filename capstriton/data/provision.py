@@ -1,4 +1,5 @@
-"""MNIST in torchvision's layout (``<root>/MNIST/raw/*-ubyte``), from the first source that works.
+"""Provisioning of the raw files: MNIST in torchvision's layout (``<root>/MNIST/raw/*-ubyte``),
+from the first source that works.
 
 1. files already under ``root`` (uncompressed ``*-ubyte`` or ``*-ubyte.gz``);
 2. torchvision's own download (needs internet; bounded by a timeout);
@@ -12,8 +13,8 @@ files, the Debian package ``dataset-fashion-mnist`` (installed, or fetched with
 ``apt-get download``) or torchvision's download.
 
 Every idx file is checked (header, size, sha256 of the official content) before it is
-used; a corrupted or truncated file is never used.  ``load_mnist`` then hands the files
-to ``torchvision.datasets.MNIST`` (or ``FashionMNIST``).
+used; a corrupted or truncated file is never used.  ``capstriton.data.mnist`` builds the
+datasets on these files.
 """
 from __future__ import annotations
 
@@ -31,12 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from ._io import atomic_write
+from .._io import atomic_write
 
 __all__ = [
-    "DataUnavailableError", "DataIntegrityError", "prepare_mnist", "load_mnist", "mnist_tensors",
+    "DataUnavailableError", "DataIntegrityError", "prepare_mnist", "check_dataset", "raw_dir",
     "default_data_dir", "MNIST_FILES", "FASHION_MNIST_FILES", "DATASETS",
 ]
 
@@ -120,7 +120,7 @@ def _read_gz(path: Path, limit: int) -> bytes:
     return data
 
 
-def _raw_dir(root: Path, dataset: str = "mnist") -> Path:
+def raw_dir(root: Path, dataset: str = "mnist") -> Path:
     return Path(root) / DATASETS[dataset][0] / "raw"
 
 
@@ -184,11 +184,11 @@ def _torchvision_download(root: Path, timeout: float, log: Callable[[str], None]
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise DataUnavailableError(f"torchvision download failed: {last}")
-        got = _raw_dir(Path(scratch), dataset)
+        got = raw_dir(Path(scratch), dataset)
         for name in files:
             data = (got / name).read_bytes()
             check_idx(name, data, files)
-            _atomic_write(_raw_dir(root, dataset) / name, data)
+            _atomic_write(raw_dir(root, dataset) / name, data)
 
 
 # ----------------------------------------------------------------------------- Debian package (Fashion-MNIST)
@@ -210,7 +210,7 @@ def _copy_checked(src_dir: Path, raw: Path, files: dict) -> None:
 def _from_deb(root: Path, timeout: float, log: Callable[[str], None]) -> None:
     """Fashion-MNIST from the Debian package: its installed files, else ``apt-get download``
     (no root needed) unpacked with ``dpkg-deb -x`` in a scratch folder."""
-    raw = _raw_dir(root, "fashion-mnist")
+    raw = raw_dir(root, "fashion-mnist")
     installed = Path("/") / FASHION_DEB_DIR
     if installed.is_dir():
         _copy_checked(installed, raw, FASHION_MNIST_FILES)
@@ -353,12 +353,12 @@ def _from_hub(root: Path, timeout: float, log: Callable[[str], None]) -> None:
     for name, data in files.items():
         check_idx(name, data)  # the conversion must reproduce the official files bit for bit
     for name, data in files.items():
-        _atomic_write(_raw_dir(root) / name, data)
+        _atomic_write(raw_dir(root) / name, data)
 
 
 # ----------------------------------------------------------------------------- public entry points
 
-def _check_dataset(dataset: str) -> None:
+def check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
 
@@ -373,10 +373,10 @@ def prepare_mnist(root: str | os.PathLike | None = None, download: bool = True, 
     download or the Debian package ``dataset-fashion-mnist``.
     Raises DataUnavailableError, naming every attempt, when none works.
     """
-    _check_dataset(dataset)
+    check_dataset(dataset)
     root = Path(default_data_dir() if root is None else root)
     cls, files = DATASETS[dataset]
-    raw = _raw_dir(root, dataset)
+    raw = raw_dir(root, dataset)
     problems = _local_files(raw, log, files)
     if not problems:
         return f"local files in {raw}"
@@ -406,23 +406,3 @@ def prepare_mnist(root: str | os.PathLike | None = None, download: bool = True, 
         f"{cls} is not available. Tried:\n  - " + "\n  - ".join(attempts) + "\n"
         f"Supply the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         f"t10k-labels-idx1-ubyte (optionally .gz) in {raw}, or {supply}.")
-
-
-def load_mnist(root: str | os.PathLike | None = None, train: bool = True, download: bool = True,
-               log: Callable[[str], None] = print, dataset: str = "mnist", **kwargs):
-    """``torchvision.datasets.MNIST`` (or ``FashionMNIST``) over checked files (see ``prepare_mnist``)."""
-    import torchvision.datasets
-
-    _check_dataset(dataset)
-    root = Path(default_data_dir() if root is None else root)
-    prepare_mnist(root, download=download, log=log, dataset=dataset)
-    return getattr(torchvision.datasets, DATASETS[dataset][0])(str(root), train=train, download=False, **kwargs)
-
-
-def mnist_tensors(root: str | os.PathLike | None = None, download: bool = True,
-                  log: Callable[[str], None] = print, dataset: str = "mnist") -> dict[str, torch.Tensor]:
-    """The whole dataset in memory: train_x (60000, 28, 28) uint8, train_y int64, test_x, test_y."""
-    train = load_mnist(root, True, download, log, dataset)
-    test = load_mnist(root, False, download=False, log=log, dataset=dataset)
-    return {"train_x": train.data, "train_y": train.targets.long(),
-            "test_x": test.data, "test_y": test.targets.long()}
