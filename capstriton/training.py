@@ -6,7 +6,8 @@
 * ``rng_state`` / ``restore_rng_state``: every random state a run depends on (torch CPU,
   CUDA, and the run's own generators), for exact resume.
 * ``check_labels``: a whole dataset's labels checked once at load (ValueError).
-* ``autocast`` / ``grad_scaler``: ``--amp off|bf16|fp16``.
+* ``autocast`` / ``grad_scaler``: ``--amp off|bf16|fp16``; ``CudaGraphStep``: a training step
+  captured in one CUDA graph.
 * ``write_metrics_csv``, ``plot_metrics``: the history of per-epoch rows, rewritten atomically
   after every epoch (a killed run never leaves a torn or duplicated row).
 * ``Progress``: a tqdm bar on a terminal, otherwise one log line every ``log_every`` steps.
@@ -29,8 +30,8 @@ import torch
 from ._io import atomic_write
 
 __all__ = [
-    "Distributed", "init_distributed", "rng_state", "restore_rng_state", "check_labels", "AMP_DTYPES",
-    "autocast", "grad_scaler", "write_metrics_csv", "plot_metrics", "Progress", "tensorboard_writer",
+    "Distributed", "resolve_device", "init_distributed", "rng_state", "restore_rng_state", "check_labels", "AMP_DTYPES",
+    "autocast", "grad_scaler", "CudaGraphStep", "write_metrics_csv", "plot_metrics", "Progress", "tensorboard_writer",
 ]
 
 
@@ -97,6 +98,16 @@ class Distributed:
         return torch.nn.parallel.DistributedDataParallel(model)
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; SystemExit for CUDA on a machine without it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
 def init_distributed(device: str = "auto") -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or run alone when it describes none.
@@ -106,12 +117,7 @@ def init_distributed(device: str = "auto") -> Distributed:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+    dev = resolve_device(device)
     if dev.type == "cuda":
         if world > 1:
             if local >= torch.cuda.device_count():
@@ -182,6 +188,50 @@ def autocast(device: torch.device, amp: str, cache_enabled: bool = True):
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A loss scaler, enabled for fp16 only (bf16 has fp32's exponent range)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+class CudaGraphStep:
+    """A whole training step (forward, losses, backward, optimizer step) replayed from one CUDA
+    graph.  ``step_fn(*inputs)`` must zero the gradients itself (``set_to_none=True``), run
+    the step and return device tensors (e.g. the loss); it must not read device values on the
+    host (no ``.item()``/``int()``: capture would fail) and its optimizer must be capturable
+    (``torch.optim.Adam(..., fused=True, capturable=True)``, a tensor learning rate changed
+    in place).
+
+    The first ``warmup`` calls run eagerly on a side stream (as capture requires), the next
+    one captures the graph and replays it; inputs of another shape (a last partial batch) run
+    eagerly.  Returned tensors are the graph's static outputs: use them before the next call.
+    """
+
+    def __init__(self, step_fn: Callable, warmup: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
+        self.graph, self.static_inputs, self.static_outputs = None, None, None
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.graph is not None:
+            if [t.shape for t in inputs] != [t.shape for t in self.static_inputs]:
+                return self.step_fn(*inputs)
+            for static, t in zip(self.static_inputs, inputs):
+                static.copy_(t)
+            self.graph.replay()
+            return self.static_outputs
+        if self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step_fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        self.static_inputs = [t.clone() for t in inputs]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_outputs = self.step_fn(*self.static_inputs)
+        self.graph = graph
+        graph.replay()  # capture only records: run this call's step
+        return self.static_outputs
 
 
 # --------------------------------------------------------------------------- metrics files

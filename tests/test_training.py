@@ -75,7 +75,8 @@ def test_configuration_modes():
     assert demo["model"]["conv_channels"] < 256
     full = train.resolve(train.parse_args(["--device", "cpu", "--full"]))
     assert full["mode"] == "paper" and full["schedule"] == "exp" and full["time_budget"] is None
-    assert full["model"] == {"conv_channels": 256, "primary_caps": 32, "iterations": 3, "detach": False}
+    assert full["model"] == {"arch": "capsnet", "conv_channels": 256, "primary_caps": 32, "iterations": 3,
+                             "detach": False}
     assert (full["batch_size"], full["lr"], full["lr_decay"], full["decay_steps"], full["recon_weight"],
             full["shift"], full["epochs"]) == (128, 1e-3, 0.96, 2000, 0.0005, 2, 50)
     if not torch.cuda.is_available():
