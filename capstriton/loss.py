@@ -6,13 +6,28 @@ import torch
 from ._validation import check_tensor
 
 
+def class_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, num_classes) bool mask, True at each row's label: one_hot by comparison (no host sync)."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)
+
+
+def check_labels_async(labels: torch.Tensor, num_classes: int) -> None:
+    """Device-side check that every label lies in [0, num_classes): RuntimeError at once on the
+    CPU, at the next synchronization on CUDA.  Unlike a ValueError check it never stalls the
+    host, so a training step stays free of syncs (the training scripts check a dataset's labels
+    once at load with a ValueError)."""
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    torch._assert_async(in_range, f"class labels must lie in [0, {num_classes}), got a label outside it")
+
+
 def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9, m_neg: float = 0.1,
                 lam: float = 0.5) -> torch.Tensor:
     """L = sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, summed over
     classes k and averaged over the batch.
 
     lengths: (B, K) capsule lengths.  targets: (B,) integer class labels, or (B, K) one-hot /
-    multi-hot floats (for several digits per image).
+    multi-hot floats (for several digits per image).  Integer labels outside [0, K) raise a
+    RuntimeError through a device-side assert (see ``check_labels_async``): no host sync.
     """
     check_tensor("lengths", lengths, 2, " (B, K)")
     if not isinstance(targets, torch.Tensor):
@@ -22,10 +37,8 @@ def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9
         if targets.shape[0] != B:
             raise ValueError(f"targets must have shape ({B},) to match lengths {tuple(lengths.shape)}, "
                              f"got {tuple(targets.shape)}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= K):
-            raise ValueError(f"class labels must lie in [0, {K}), got values in "
-                             f"[{int(targets.min())}, {int(targets.max())}]")
-        T = torch.nn.functional.one_hot(targets, K).to(lengths.dtype)
+        check_labels_async(targets, K)
+        T = class_mask(targets, K).to(lengths.dtype)
     elif targets.dim() == 2 and targets.is_floating_point():
         if targets.shape != lengths.shape:
             raise ValueError(f"one-hot targets must have the shape of lengths {tuple(lengths.shape)}, "

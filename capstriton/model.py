@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .layers import DigitCaps, PrimaryCaps
+from .loss import check_labels_async, class_mask
 
 
 class CapsNet(nn.Module):
@@ -39,13 +40,21 @@ class CapsNet(nn.Module):
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if y is not None and (not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1
+                              or y.shape[0] != x.shape[0]):
+            given = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be integer class labels of shape ({x.shape[0]},), got {given}")
         h = torch.relu(self.conv1(x))
         u = self.primary(h)
         v = self.digit(u)  # (B, K, D)
         lengths = torch.sqrt((v.float() ** 2).sum(dim=-1) + 1e-12).to(v.dtype)
         recon = None
         if self.decoder is not None:
-            picked = y if y is not None else lengths.argmax(dim=1)
-            mask = torch.nn.functional.one_hot(picked, self.num_classes).to(v.dtype)
+            if y is not None:
+                check_labels_async(y, self.num_classes)
+                picked = y
+            else:
+                picked = lengths.argmax(dim=1)
+            mask = class_mask(picked, self.num_classes).to(v.dtype)  # no host sync, unlike one_hot
             recon = self.decoder((v * mask.unsqueeze(-1)).flatten(1))
         return lengths, recon, v

@@ -121,6 +121,14 @@ def test_reconstruction_loss_hand_computed():
 
 def test_capsnet_bad_input():
     model = ct.CapsNet(conv_channels=8, primary_caps=2, backend="torch")
+    with pytest.raises(ValueError, match=r"y must be integer class labels of shape \(2,\), got torch.float32"):
+        model(torch.rand(2, 1, 28, 28), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"y must be integer class labels of shape \(2,\), got torch.int64 of shape \(3,\)"):
+        model(torch.rand(2, 1, 28, 28), torch.zeros(3, dtype=torch.long))
+    # a label outside [0, num_classes): device-side assert (CPU tensors: it fires at once)
+    cpu_model = model.cpu()
+    with pytest.raises(RuntimeError, match=r"class labels must lie in \[0, 10\)"):
+        cpu_model(torch.rand(2, 1, 28, 28, device="cpu"), torch.tensor([1, 10], device="cpu"))
     with pytest.raises(ValueError, match=r"x must have shape \(B, 1, 28, 28\), got \(2, 1, 32, 32\)"):
         model(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match="x must have shape"):
@@ -158,8 +166,12 @@ def test_margin_loss_bad_input():
         ct.margin_loss(torch.ones(3, 10, dtype=torch.long), torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="targets must be a torch.Tensor, got list"):
         ct.margin_loss(lengths, [1, 2, 3])
-    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\), got values in \[0, 10\]"):
-        ct.margin_loss(lengths, torch.tensor([0, 10, 3]))
+    # out-of-range labels: a device-side assert (no host sync), immediate on the CPU; on CUDA it
+    # would poison the context, so this check runs on CPU tensors
+    with pytest.raises(RuntimeError, match=r"class labels must lie in \[0, 10\)"):
+        ct.margin_loss(lengths.cpu(), torch.tensor([0, 10, 3], device="cpu"))
+    with pytest.raises(RuntimeError, match=r"class labels must lie in \[0, 10\)"):
+        ct.margin_loss(lengths.cpu(), torch.tensor([0, -1, 3], device="cpu"))
     with pytest.raises(ValueError, match=r"targets must have shape \(3,\)"):
         ct.margin_loss(lengths, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="one-hot targets must have the shape of lengths"):
