@@ -278,7 +278,7 @@ def _compile_cases() -> list[dict]:
             block_k = _k_min(torch_dtype) if name == "caps_transform_fwd" else _block_k(8, torch_dtype)
             constexprs = dict(cfg.kwargs, BLOCK_K=block_k, INPUT_PRECISION=precision)
             cases.append(dict(name=f"{name}_{dtype}", fn=tuner.fn, signature=sig, constexprs=constexprs,
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=True))
     return cases
 
 

@@ -111,10 +111,10 @@ def _compile_cases() -> list[dict]:
             blocks = {"BLOCK_R": block_r, "BLOCK_D": block_d}
             cases.append(dict(name=f"squash_fwd_{dt}_d{D}", fn=squash_fwd_kernel,
                               signature={"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **sizes},
-                              constexprs=blocks, num_warps=warps, num_stages=3))
+                              constexprs=blocks, num_warps=warps, num_stages=3, default=True))
             cases.append(dict(name=f"squash_bwd_{dt}_d{D}", fn=squash_bwd_kernel,
                               signature={"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **sizes},
-                              constexprs=blocks, num_warps=warps, num_stages=3))
+                              constexprs=blocks, num_warps=warps, num_stages=3, default=True))
     return cases
 
 
