@@ -1,6 +1,6 @@
 """Compile every kernel for sm_80 and sm_90 without a GPU and report its resource usage.
 
-    python -m capstriton.kernels.compile_check [--arch 80 90] [--jobs 2] [--json out.json]
+    python -m capstriton.kernels.compile_check [--arch 80 90] [--jobs 2] [--json out.json] [--summary]
 
 Every kernel module in this package exports ``COMPILE_CASES``, a list of dicts:
     name        str, unique label of the case
@@ -8,6 +8,7 @@ Every kernel module in this package exports ``COMPILE_CASES``, a list of dicts:
     signature   {arg name: triton type string}, e.g. "*fp32", "*fp16", "i32", "fp32"
     constexprs  {arg name: value} for the tl.constexpr arguments
     num_warps, num_stages
+    default     optional bool, True for the config a launcher uses before any tuning
 Each case is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 (pointer arguments marked 16-byte aligned, as the JIT does for torch tensors), then triton's
 bundled ``ptxas -v`` is run on the PTX, with the flags triton itself uses, for registers and
@@ -16,6 +17,13 @@ binary).  Shared memory = triton's dynamic allocation + ptxas's static smem.  Wh
 print its own ptxas log (knobs.nvidia.dump_ptxas_log) a fresh compile's log is used instead of a
 second ptxas run, and the parsed numbers are cached per compiled-kernel hash under
 ~/.cache/capstriton/compile_check (``--no-cache`` re-measures).
+
+Every row also carries: ``num_warps``, ``default``, ``resident_warps_per_sm`` (the occupancy
+that the registers, warps and shared memory allow, see ``resident_warps``), ``bar_sync`` (static
+count of CTA-wide ``bar.sync`` / ``barrier.sync`` instructions in the PTX) and ``sass``: the static
+instruction mix of the cubin (``cuobjdump -sass``, bundled with triton) with ``ffma_share`` =
+FFMA / (FFMA + FMUL + FADD + SHFL + BAR + LDS + STS).  ``--summary`` prints these for the
+default config of every case name.
 
 Exit status: 0 when every case compiles without spills, 1 otherwise, 2 when no case is found.
 Compiling needs real @triton.jit functions, so under TRITON_INTERPRET=1 the tool re-runs itself
@@ -108,21 +116,22 @@ def _ast_source(fn, signature: dict, constexprs: dict):
     return ASTSource(fn, sig, **kwargs)
 
 
-def _ptxas_path() -> str:
+def _tool_path(tool: str) -> str:
+    """Path of one of triton's bundled NVIDIA tools ("ptxas", "cuobjdump"): triton's knob first."""
     import triton
 
     try:
         from triton import knobs
 
-        path = knobs.nvidia.ptxas.path
+        path = getattr(knobs.nvidia, tool).path
         if path:
             return path
     except (ImportError, AttributeError):
         pass
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     if os.path.exists(bundled):
         return bundled
-    raise FileNotFoundError("ptxas not found (neither triton.knobs.nvidia.ptxas nor the bundled binary)")
+    raise FileNotFoundError(f"{tool} not found (neither triton.knobs.nvidia.{tool} nor the bundled binary)")
 
 
 def _sm_name(cc: int) -> str:
@@ -170,9 +179,109 @@ def parse_ptxas_log(log: str) -> dict:
     }
 
 
+# Per-SM limits for the occupancy estimate.  Sources: the "Technical Specifications per Compute
+# Capability" table of the CUDA C++ Programming Guide; the Ampere and Hopper tuning guides
+# (docs.nvidia.com/cuda/ampere-tuning-guide, /hopper-tuning-guide: 64 warps, 32 CTAs and a 64K
+# register file per SM on both; A100 164 KB shared memory per SM of which 163 KB per CTA, H100
+# 228 KB / 227 KB); the allocation rules of NVIDIA's occupancy calculator, cuda_occupancy.h
+# (bundled with triton in backends/nvidia/include): registers go to warps in units of 256 (per
+# thread: a multiple of 8) inside 4 sub-partitions of 16K registers each, shared memory in units
+# of 128 B, and from sm_80 on the driver reserves 1 KB more per CTA (reservedSharedMemPerBlock).
+SM_LIMITS = {
+    80: {"max_warps": 64, "max_ctas": 32, "smem_per_sm": 164 * 1024, "smem_per_cta": 163 * 1024},
+    90: {"max_warps": 64, "max_ctas": 32, "smem_per_sm": 228 * 1024, "smem_per_cta": 227 * 1024},
+}
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS_PER_THREAD = 255
+REGISTER_UNIT = 256           # registers per warp are allocated in multiples of this
+SUB_PARTITIONS = 4            # each holds REGISTERS_PER_SM / 4 registers and whole warps
+SMEM_UNIT = 128               # bytes
+SMEM_RESERVED_PER_CTA = 1024  # bytes, sm_80 and later
+
+
+def _cc(arch) -> int:
+    """80 from 80, "sm_80", "sm_90a"."""
+    if isinstance(arch, int) and not isinstance(arch, bool):
+        return arch
+    m = re.fullmatch(r"(?:sm_)?(\d+)a?", str(arch))
+    if not m:
+        raise ValueError(f"arch must be a compute capability like 80 or 'sm_90', got {arch!r}")
+    return int(m.group(1))
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def resident_warps(arch, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Warps of one kernel resident per SM on ``arch`` (80/90 or "sm_80"/"sm_90"): whole CTAs of
+    ``num_warps`` warps, each thread using ``registers`` registers and each CTA ``shared_bytes``
+    bytes of shared memory (static + dynamic), limited by the register file, the warp and CTA
+    slots and shared memory.  0 when one CTA does not fit."""
+    cc = _cc(arch)
+    if cc not in SM_LIMITS:
+        raise ValueError(f"no SM limits for sm_{cc}; known: {sorted(SM_LIMITS)}")
+    if not 0 <= registers <= MAX_REGISTERS_PER_THREAD:
+        raise ValueError(f"registers must be in [0, {MAX_REGISTERS_PER_THREAD}], got {registers}")
+    if num_warps < 1 or shared_bytes < 0:
+        raise ValueError(f"expected num_warps >= 1 and shared_bytes >= 0, got {num_warps} and {shared_bytes}")
+    lim = SM_LIMITS[cc]
+    ctas = min(lim["max_warps"] // num_warps, lim["max_ctas"])
+    regs_per_warp = _round_up(registers * 32, REGISTER_UNIT)
+    if regs_per_warp:
+        if regs_per_warp * _round_up(num_warps, SUB_PARTITIONS) > REGISTERS_PER_SM:
+            return 0  # the per-CTA register check of the hardware
+        warps_by_regs = (REGISTERS_PER_SM // SUB_PARTITIONS) // regs_per_warp * SUB_PARTITIONS
+        ctas = min(ctas, warps_by_regs // num_warps)
+    smem = _round_up(shared_bytes + SMEM_RESERVED_PER_CTA, SMEM_UNIT)
+    if smem > lim["smem_per_cta"] + SMEM_RESERVED_PER_CTA:
+        return 0
+    ctas = min(ctas, lim["smem_per_sm"] // smem)
+    return ctas * num_warps
+
+
+# CTA-wide barriers in PTX (bar.sync / barrier.sync / barrier.cta.sync; not bar.warp.sync)
+_RE_BAR_SYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:bar|barrier)(?:\.cta)?\.sync\b", re.MULTILINE)
+# one SASS instruction of cuobjdump -sass: /*0040*/  [@!P0] OPCODE.MODIFIERS operands ;
+_RE_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.MULTILINE)
+SASS_OPS = ("FFMA", "FMUL", "FADD", "SHFL", "BAR", "LDS", "STS", "LDG", "STG")
+_SASS_SHARE_OPS = ("FFMA", "FMUL", "FADD", "SHFL", "BAR", "LDS", "STS")
+
+
+def count_bar_sync(ptx: str) -> int:
+    """Static count of CTA-wide barrier instructions in PTX text."""
+    return len(_RE_BAR_SYNC.findall(ptx))
+
+
+def count_sass(sass: str) -> dict:
+    """Static instruction mix of ``cuobjdump -sass`` text: counts of SASS_OPS (modifiers ignored,
+    so SHFL.BFLY counts as SHFL), ``total`` instructions and ``ffma_share`` = FFMA / (FFMA + FMUL
+    + FADD + SHFL + BAR + LDS + STS), 0.0 when none of them occurs."""
+    ops = [op.split(".")[0] for op in _RE_SASS_OP.findall(sass)]
+    mix = {k: ops.count(k) for k in SASS_OPS}
+    denom = sum(mix[k] for k in _SASS_SHARE_OPS)
+    mix["total"] = len(ops)
+    mix["ffma_share"] = round(mix["FFMA"] / denom, 3) if denom else 0.0
+    return mix
+
+
+def _sass_mix(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([_tool_path("cuobjdump"), "-sass", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({proc.returncode}): {proc.stderr.strip()}")
+    return count_sass(proc.stdout)
+
+
 def _config_label(case: dict) -> str:
     consts = ",".join(f"{k}={v}" for k, v in case.get("constexprs", {}).items())
     return f"{consts} w{case.get('num_warps', 4)} s{case.get('num_stages', 3)}".strip()
+
+
+_CACHE_VERSION = 2  # bump when the cached fields change (2: bar_sync and sass added)
 
 
 def _results_cache_dir() -> str:
@@ -205,11 +314,19 @@ def _run_ptxas(ptx: str, flags: list[str], sm: str) -> dict:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        cmd = [_ptxas_path(), *flags, f"--gpu-name={sm}", path, "-o", os.path.join(tmp, "kernel.cubin")]
+        cmd = [_tool_path("ptxas"), *flags, f"--gpu-name={sm}", path, "-o", os.path.join(tmp, "kernel.cubin")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()}")
     return parse_ptxas_log(proc.stdout + proc.stderr)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> dict:
@@ -218,12 +335,15 @@ def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> di
     from triton.backends.compiler import GPUTarget
 
     case = importlib.import_module(module).COMPILE_CASES[index]
+    num_warps = case.get("num_warps", 4)
     row = {"module": module.rsplit(".", 1)[-1], "name": case["name"], "config": _config_label(case),
-           "arch": f"sm_{cc}", "ok": False, "error": ""}
+           "arch": f"sm_{cc}", "num_warps": num_warps, "default": bool(case.get("default", False)),
+           "ok": False, "error": ""}
     try:
         fn = _jit_function(case["fn"])
+        row["kernel"] = fn.__name__
         src = _ast_source(fn, case["signature"], case.get("constexprs", {}))
-        options = {"num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
+        options = {"num_warps": num_warps, "num_stages": case.get("num_stages", 3)}
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), _triton_prints_ptxas_log():
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
@@ -231,24 +351,24 @@ def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> di
         khash = getattr(compiled, "hash", None) or getattr(compiled.metadata, "hash", None)
         cache_file = None
         if khash:
-            tag = hashlib.sha256(f"{khash}|{sm}|{' '.join(flags)}".encode()).hexdigest()[:32]
-            cache_file = os.path.join(_results_cache_dir(), f"{tag}.json")
+            key = f"{_CACHE_VERSION}|{khash}|{sm}|{' '.join(flags)}"
+            cache_file = os.path.join(_results_cache_dir(), f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
+        log = printed.getvalue()
+        fresh = bool(_RE_REGS.search(log))  # fresh compile: triton printed its own ptxas log
         stats = None
-        if _RE_REGS.search(printed.getvalue()):  # fresh compile: triton's own ptxas log
-            stats = parse_ptxas_log(printed.getvalue())
-        elif use_cache and cache_file and os.path.exists(cache_file):
+        if not fresh and use_cache and cache_file and os.path.exists(cache_file):
             with open(cache_file) as f:
                 stats = json.load(f)
         if stats is None:
-            stats = _run_ptxas(compiled.asm["ptx"], flags, sm)
-        if cache_file:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            tmp = f"{cache_file}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(stats, f)
-            os.replace(tmp, cache_file)
+            stats = parse_ptxas_log(log) if fresh else _run_ptxas(compiled.asm["ptx"], flags, sm)
+            stats["bar_sync"] = count_bar_sync(compiled.asm["ptx"])
+            stats["sass"] = _sass_mix(compiled.asm["cubin"])
+            if cache_file:
+                _write_json_atomic(cache_file, stats)
         row.update(stats)
         row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + row.pop("static_smem_bytes")
+        row["resident_warps_per_sm"] = (resident_warps(cc, row["registers"], num_warps, row["shared_bytes"])
+                                        if cc in SM_LIMITS else None)
         row["ok"] = True
     except Exception as exc:  # reported in the table; the exit status says it failed
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()}"
@@ -265,18 +385,44 @@ def _run_all(jobs: list[tuple[str, int, int, bool]], workers: int) -> list[dict]
         return list(pool.map(compile_case, *zip(*jobs)))
 
 
+def _ffma_shfl(r: dict) -> str:
+    return f"{r['sass']['FFMA']}:{r['sass']['SHFL']}"
+
+
+def _render(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ["kernel", "config", "arch", "registers", "shared memory (B)", "spill stores (B)", "spill loads (B)"]
+    head = ["kernel", "config", "arch", "registers", "shared memory (B)", "spill stores (B)", "spill loads (B)",
+            "warps", "resident warps/SM", "bar.sync", "FFMA:SHFL"]
     body = []
     for r in rows:
         if r["ok"]:
             body.append([r["name"], r["config"], r["arch"], str(r["registers"]), str(r["shared_bytes"]),
-                         str(r["spill_store_bytes"]), str(r["spill_load_bytes"])])
+                         str(r["spill_store_bytes"]), str(r["spill_load_bytes"]), str(r["num_warps"]),
+                         str(r["resident_warps_per_sm"]), str(r["bar_sync"]), _ffma_shfl(r)])
         else:
-            body.append([r["name"], r["config"], r["arch"], "FAILED", r["error"].splitlines()[0][:60], "", ""])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in body]
+            body.append([r["name"], r["config"], r["arch"], "FAILED", r["error"].splitlines()[0][:60]]
+                        + [""] * (len(head) - 5))
+    return _render(head, body)
+
+
+def format_summary(rows: list[dict]) -> str:
+    """One line per case name and arch for the case marked ``default``: registers, resident warps
+    per SM, bar.sync, FFMA:SHFL and the FFMA share; names without a default case are listed."""
+    head = ["kernel", "arch", "warps", "registers", "resident warps/SM", "bar.sync", "FFMA:SHFL", "FFMA share"]
+    body = [[r["name"], r["arch"], str(r["num_warps"]), str(r["registers"]), str(r["resident_warps_per_sm"]),
+             str(r["bar_sync"]), _ffma_shfl(r), f"{r['sass']['ffma_share']:.2f}"]
+            for r in rows if r["default"] and r["ok"]]
+    lines = [_render(head, body)] if body else ["no compiled case is marked default"]
+    marked = {r["name"] for r in rows if r["default"]}
+    unmarked = sorted({r["name"] for r in rows} - marked)
+    if unmarked:
+        lines.append(f"no default case: {', '.join(unmarked)}")
     return "\n".join(lines)
 
 
@@ -290,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="only cases whose name contains this string")
     parser.add_argument("--json", default="", help="also write the rows as JSON to this path")
     parser.add_argument("--no-cache", action="store_true", help="re-run ptxas instead of using cached numbers")
+    parser.add_argument("--summary", action="store_true",
+                        help="after the table, print the default config of every case name")
     args = parser.parse_args(argv)
 
     if interpreter_enabled():
@@ -306,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(mod, idx, cc, not args.no_cache) for mod, idx, _ in cases for cc in args.arch]
     rows = _run_all(jobs, args.jobs)
     print(format_table(rows))
+    if args.summary:
+        print("\ndefault configs:\n" + format_summary(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "import_errors": import_errors}, f, indent=1)
