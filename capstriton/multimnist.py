@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from .decoding import decode_capsule
 from .loss import margin_loss, reconstruction_loss
 
-__all__ = ["multi_hot", "masked_capsules", "decode_capsule", "multimnist_loss", "top2", "pair_errors"]
+__all__ = ["multi_hot", "multimnist_loss", "top2", "pair_errors"]
 
 
 def multi_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, n) integer labels -> (B, num_classes) floats with a 1 at every listed class."""
     out = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     return out.scatter_(1, labels, 1.0)
-
-
-def masked_capsules(v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, K, D) capsules, (B,) classes -> (B, K*D): every capsule but the labelled one zeroed
-    (the decoder input of the paper)."""
-    keep = torch.arange(v.shape[1], device=v.device) == labels[:, None]  # (B, K)
-    return (v * keep.unsqueeze(-1).to(v.dtype)).flatten(1)
-
-
-def decode_capsule(model, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``model.decoder`` applied to the capsule of class ``labels`` alone: (B, pixels)."""
-    return model.decoder(masked_capsules(v, labels))
 
 
 def multimnist_loss(model, x: torch.Tensor, sources: torch.Tensor, labels: torch.Tensor, recon_weight: float):
