@@ -13,39 +13,42 @@ __all__ = ["dynamic_routing"]
 
 @torch.library.custom_op("capstriton::dynamic_routing", mutates_args=())
 def _routing_op(u_hat: torch.Tensor, iterations: int, detach: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return K.dynamic_routing_fwd(u_hat, iterations)
+    """u_hat (B, I, J, D) -> (v (B, J, D), s_all (r, B, J, D), P_all (r-1, B, J, D))."""
+    return K.dynamic_routing_fwd(u_hat.contiguous(), iterations)
 
 
 @_routing_op.register_fake
 def _(u_hat, iterations, detach):
     B, _, J, D = u_hat.shape
-    stats = u_hat.new_empty(iterations, B, J, D, dtype=torch.float32)
-    return u_hat.new_empty(B, J, D), stats, torch.empty_like(stats)
+    return (u_hat.new_empty(B, J, D), u_hat.new_empty(iterations, B, J, D, dtype=torch.float32),
+            u_hat.new_empty(iterations - 1, B, J, D, dtype=torch.float32))
 
 
 @torch.library.custom_op("capstriton::dynamic_routing_backward", mutates_args=())
 def _routing_backward_op(u_hat: torch.Tensor, s_all: torch.Tensor, V_all: torch.Tensor, grad_v: torch.Tensor,
                          iterations: int, detach: bool) -> torch.Tensor:
-    return K.dynamic_routing_bwd(u_hat, s_all, V_all, grad_v, iterations, detach)
+    return K.dynamic_routing_bwd(u_hat.contiguous(), s_all.contiguous(), V_all.contiguous(), grad_v.contiguous(),
+                                 iterations, detach)
 
 
 @_routing_backward_op.register_fake
 def _(u_hat, s_all, V_all, grad_v, iterations, detach):
-    return torch.empty_like(u_hat)
+    return u_hat.new_empty(u_hat.shape)
 
 
 def _setup_context(ctx, inputs, output):
     u_hat, iterations, detach = inputs
     _, s_all, V_all = output
     ctx.mark_non_differentiable(s_all, V_all)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(u_hat, s_all, V_all)
     ctx.iterations, ctx.detach = iterations, detach
 
 
 def _backward(ctx, grad_v, _grad_s, _grad_V):
+    if grad_v is None or not ctx.needs_input_grad[0]:
+        return None, None, None
     u_hat, s_all, V_all = ctx.saved_tensors
-    if grad_v is None:
-        grad_v = torch.zeros(u_hat.shape[0], u_hat.shape[2], u_hat.shape[3], dtype=u_hat.dtype, device=u_hat.device)
     return _routing_backward_op(u_hat, s_all, V_all, grad_v, ctx.iterations, ctx.detach), None, None
 
 
@@ -71,4 +74,4 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int = 3, detach: bool = Fal
     check_iterations(iterations)
     if resolve_backend(backend, u_hat) == "torch":
         return dynamic_routing_ref(u_hat, iterations, bool(detach))
-    return _routing_op(u_hat.contiguous(), iterations, bool(detach))[0]
+    return _routing_op(u_hat, iterations, bool(detach))[0]

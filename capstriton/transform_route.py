@@ -8,47 +8,60 @@ from ._backend import resolve_backend
 from ._validation import check_iterations, check_transform_shapes
 from .reference import transform_route_ref
 
-__all__ = ["transform_route"]
+__all__ = ["transform_route", "kernel_layout_weight"]
+
+
+def kernel_layout_weight(W: torch.Tensor) -> torch.Tensor:
+    """W (I, J, Dout, Din) -> the (I, Din, J, Dout) contiguous layout the fused kernels read
+    (a view, no copy, when W is stored that way: ``DigitCaps`` does)."""
+    return W.permute(0, 3, 1, 2).contiguous()
 
 
 @torch.library.custom_op("capstriton::transform_route", mutates_args=())
-def _fused_op(u: torch.Tensor, W: torch.Tensor, iterations: int,
+def _fused_op(u: torch.Tensor, W_k: torch.Tensor, iterations: int,
               detach: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return K.transform_route_fwd(u, W, iterations)
+    """u (B, I, Din), W_k (I, Din, J, Dout) -> (v (B, J, Dout), s_all (r, B, J, Dout), P_all (r-1, B, J, Dout))."""
+    return K.transform_route_fwd(u.contiguous(), W_k.contiguous(), iterations)
 
 
 @_fused_op.register_fake
-def _(u, W, iterations, detach):
-    B, J, D = u.shape[0], W.shape[1], W.shape[2]
-    stats = u.new_empty(iterations, B, J, D, dtype=torch.float32)
-    return u.new_empty(B, J, D), stats, torch.empty_like(stats)
+def _(u, W_k, iterations, detach):
+    B, J, D = u.shape[0], W_k.shape[2], W_k.shape[3]
+    return (u.new_empty(B, J, D), u.new_empty(iterations, B, J, D, dtype=torch.float32),
+            u.new_empty(iterations - 1, B, J, D, dtype=torch.float32))
 
 
 @torch.library.custom_op("capstriton::transform_route_backward", mutates_args=())
-def _fused_backward_op(u: torch.Tensor, W: torch.Tensor, s_all: torch.Tensor, V_all: torch.Tensor,
-                       grad_v: torch.Tensor, iterations: int, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return K.transform_route_bwd(u, W, s_all, V_all, grad_v, iterations, detach)
+def _fused_backward_op(u: torch.Tensor, W_k: torch.Tensor, s_all: torch.Tensor, P_all: torch.Tensor,
+                       grad_v: torch.Tensor, iterations: int, detach: bool, need_u: bool,
+                       need_W: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/du, dL/dW_k); an input that needs no gradient gets an empty tensor (no work)."""
+    grad_u, grad_W = K.transform_route_bwd(u.contiguous(), W_k.contiguous(), s_all.contiguous(), P_all.contiguous(),
+                                           grad_v.contiguous(), iterations, detach, need_u, need_W)
+    return (grad_u if need_u else u.new_empty(0)), (grad_W if need_W else W_k.new_empty(0))
 
 
 @_fused_backward_op.register_fake
-def _(u, W, s_all, V_all, grad_v, iterations, detach):
-    return torch.empty_like(u), torch.empty_like(W)
+def _(u, W_k, s_all, P_all, grad_v, iterations, detach, need_u, need_W):
+    return (u.new_empty(u.shape) if need_u else u.new_empty(0)), (W_k.new_empty(W_k.shape) if need_W else W_k.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    u, W, iterations, detach = inputs
-    _, s_all, V_all = output
-    ctx.mark_non_differentiable(s_all, V_all)
-    ctx.save_for_backward(u, W, s_all, V_all)
+    u, W_k, iterations, detach = inputs
+    _, s_all, P_all = output
+    ctx.mark_non_differentiable(s_all, P_all)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(u, W_k, s_all, P_all)
     ctx.iterations, ctx.detach = iterations, detach
 
 
-def _backward(ctx, grad_v, _grad_s, _grad_V):
-    u, W, s_all, V_all = ctx.saved_tensors
-    if grad_v is None:
-        grad_v = torch.zeros(u.shape[0], W.shape[1], W.shape[2], dtype=u.dtype, device=u.device)
-    grad_u, grad_W = _fused_backward_op(u, W, s_all, V_all, grad_v, ctx.iterations, ctx.detach)
-    return grad_u, grad_W, None, None
+def _backward(ctx, grad_v, _grad_s, _grad_P):
+    need_u, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_v is None or not (need_u or need_W):
+        return None, None, None, None
+    u, W_k, s_all, P_all = ctx.saved_tensors
+    grad_u, grad_W = _fused_backward_op(u, W_k, s_all, P_all, grad_v, ctx.iterations, ctx.detach, need_u, need_W)
+    return (grad_u if need_u else None), (grad_W if need_W else None), None, None
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -61,10 +74,12 @@ def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int = 3, detac
     On the triton backend the prediction vectors u_hat = W u (B*I*J*Dout elements) are never
     materialized: every routing pass, forward and backward, recomputes them from u and W, and
     the backward produces dL/du and dL/dW directly (dL/dW reduced over the batch
-    deterministically).  See ``dynamic_routing`` for ``iterations`` and ``detach``.
+    deterministically).  The kernels read W as (I, Din, J, Dout) in memory; a W stored in the
+    usual contiguous layout costs one transposed copy per call (``DigitCaps`` stores its weight
+    in the kernel layout).  See ``dynamic_routing`` for ``iterations`` and ``detach``.
     """
     check_transform_shapes(u, W)
     check_iterations(iterations)
     if resolve_backend(backend, u, W) == "torch":
         return transform_route_ref(u, W, iterations, bool(detach))
-    return _fused_op(u.contiguous(), W.contiguous(), iterations, bool(detach))[0]
+    return _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))[0]

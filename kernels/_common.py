@@ -44,9 +44,16 @@ def autotune_cache_kwargs() -> dict:
     return {}
 
 
+def autotune_restore(*names: str) -> dict:
+    """autotune kwargs for a kernel that updates the named arguments in place: benchmarking its
+    configs must not apply the update several times."""
+    return {"restore_value": list(names), **autotune_cache_kwargs()}
+
+
 def batch_bucket(B: int) -> int:
-    """Autotune key for the batch: next power of two, so every batch size does not retune."""
-    return triton.next_power_of_2(max(int(B), 1))
+    """Autotune key for the batch: next power of two, so every batch size does not retune
+    (plain Python: triton's helpers cost microseconds per host call)."""
+    return 1 << max(int(B) - 1, 0).bit_length()
 
 
 def on_device(tensor: torch.Tensor):

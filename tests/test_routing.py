@@ -14,6 +14,8 @@ SHAPES = {
     "B17-I5-J1-D16-K8": (17, 5, 1, 16, 8),
     "B3-I33-J5-D7-K3": (3, 33, 5, 7, 3),
     "B33-I9-J10-D16-K8": (33, 9, 10, 16, 8),
+    "B4-I6-J20-D8-K4": (4, 6, 20, 8, 4),      # BJ = 32: the capsules fill a warp
+    "B2-I5-J33-D4-K2": (2, 5, 33, 4, 2),      # BJ = 64: wider than a warp
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -104,7 +106,7 @@ def test_extreme_magnitudes_stay_finite(scale):
         assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W tiny")
 
 
-def test_triton_path_launches_kernels(monkeypatch):
+def _count_launches(monkeypatch, names):
     calls = {}
 
     def counting(name, kernel):
@@ -112,23 +114,51 @@ def test_triton_path_launches_kernels(monkeypatch):
 
         def run(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
+            calls.setdefault(name + ":kwargs", []).append(kwargs)
             return original(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", run)
 
     from capstriton.kernels import routing
-    for name in ("routing_pass_kernel", "routing_fwd_finish_kernel", "routing_bwd_finish_kernel", "routing_grad_kernel"):
+    for name in names:
         counting(name, getattr(routing, name))
+    return calls
+
+
+FUSED_KERNELS = ("routing_pass_kernel", "routing_bwd_init_kernel", "routing_grad_fused_kernel")
+
+
+def test_triton_path_launches_kernels(monkeypatch):
+    calls = _count_launches(monkeypatch, FUSED_KERNELS)
     u, W, grad_v = _inputs((3, 4, 2, 3, 2), torch.float32)
     v = ct.transform_route(u, W, iterations=3, backend="auto")  # auto -> triton under the interpreter
     torch.autograd.grad(v, (u, W), grad_v)
-    # forward: 3 passes + 3 finishes; backward: 2 reduction passes + 3 finishes + 1 final pass
-    assert calls == {"routing_pass_kernel": 5, "routing_fwd_finish_kernel": 3,
-                     "routing_bwd_finish_kernel": 3, "routing_grad_kernel": 1}
+    # forward: one pass per iteration (finishing inside); backward: gs^{r-1}, 2 reduction passes, final pass
+    assert {k: v for k, v in calls.items() if ":" not in k} == {
+        "routing_pass_kernel": 5, "routing_bwd_init_kernel": 1, "routing_grad_fused_kernel": 1}
 
 
-def test_grad_W_is_deterministic_and_batch_groups_agree():
-    # B = 70 > 32 gives several batch groups in the weight-gradient reduction
+@pytest.mark.parametrize("frozen", ["W", "u"])
+def test_backward_skips_gradients_nobody_needs(frozen, monkeypatch):
+    calls = _count_launches(monkeypatch, ("routing_grad_fused_kernel",))
+    u, W, grad_v = _inputs((5, 6, 3, 4, 2), torch.float32)
+    (u if frozen == "u" else W).requires_grad_(False)
+    wanted = W if frozen == "u" else u
+    v = ct.transform_route(u, W, iterations=2, backend="triton")
+    (grad,) = torch.autograd.grad(v, wanted, grad_v)
+    kwargs = calls["routing_grad_fused_kernel:kwargs"][0]
+    assert (kwargs["NEED_U"], kwargs["NEED_W"]) == (frozen == "W", frozen == "u")
+    ref = _ref64(transform_route_ref, (u, W), grad_v, iterations=2)[2 if frozen == "u" else 1]
+    assert_close(grad, ref, GRADIENT[torch.float32], "the gradient that is needed")
+
+
+@pytest.mark.parametrize("sms", [None, "132"], ids=["interpreter-grid", "132-SM-grid"])
+def test_grad_W_is_deterministic_and_batch_groups_agree(sms, monkeypatch):
+    from capstriton.kernels import routing
+    if sms:
+        monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
     u, W, grad_v = _inputs((70, 3, 2, 3, 2), torch.float32)
+    plan = routing.plan(70, 3, 2, 3, 2, routing.target_programs(u.device))
+    assert plan.n_groups > 1  # several weight-gradient partials, summed in a fixed order
     g1 = torch.autograd.grad(ct.transform_route(u, W, 2, backend="triton"), W, grad_v)[0]
     g2 = torch.autograd.grad(ct.transform_route(u, W, 2, backend="triton"), W, grad_v)[0]
     assert torch.equal(g1, g2)
@@ -140,23 +170,30 @@ def test_autotune_pruning_keeps_register_fitting_configs():
     from capstriton.kernels.routing import GRAD_CONFIGS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs
 
     def picked(prune, configs, BJ, BD):
-        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune(configs, {}, BJ=BJ, BD=BD)]
+        dims = {"BJ": BJ, "BDH": max(1, BD // 4), "BDL": min(4, BD)}
+        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune(configs, {}, **dims)]
 
-    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16) == [(16, 8), (8, 4), (16, 16), (4, 4)]  # paper
-    assert picked(prune_pass_configs, PASS_CONFIGS, 32, 16) == [(8, 8)]   # J = 32: measured table
-    assert picked(prune_grad_configs, GRAD_CONFIGS, 16, 16) == [(16, 8)]
-    assert picked(prune_grad_configs, GRAD_CONFIGS, 32, 16) == [(8, 8)]
-    assert picked(prune_pass_configs, PASS_CONFIGS, 8, 8) == [(16, 8), (8, 4), (16, 16), (4, 4), (8, 8)]  # rule
-    assert picked(prune_pass_configs, PASS_CONFIGS, 64, 16) == [(16, 16)]  # none fits: the smallest tile
+    # paper width: everything up to two samples per thread (forward / backward passes), one for the gradient
+    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16) == [
+        (8, 4), (4, 2), (2, 1), (16, 8), (16, 4), (8, 2), (16, 16), (4, 4)]
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 16, 16) == [(2, 1), (2, 2), (4, 2), (8, 4), (8, 8), (16, 8)]
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 32, 16) == [(2, 2), (8, 8)]  # J = 17..32
+    assert picked(prune_pass_configs, PASS_CONFIGS, 64, 16) == [(16, 16), (4, 4)]
+    assert picked(prune_pass_configs, PASS_CONFIGS, 128, 16) == [(16, 16)]  # none fits: the smallest tile
 
 
-@pytest.mark.parametrize("programs", [1, 40], ids=["one-chunk", "many-chunks"])
-def test_grid_splits_agree(programs, monkeypatch):
-    """The capsule chunking sized for a GPU (many partial sums, reduced 8 at a time with a
-    remainder) and a single chunk give the reference's result."""
+@pytest.mark.parametrize("sms", [None, "132"], ids=["one-chunk", "132-SM-grid"])
+def test_grid_splits_agree(sms, monkeypatch):
+    """The capsule chunking of a GPU (many chunk partials, finished by the last program to
+    arrive) and a single chunk give the reference's result."""
     from capstriton.kernels import routing
-    monkeypatch.setattr(routing, "_target_programs", lambda device: programs)
+    if sms:
+        monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
+    else:
+        monkeypatch.setattr(routing, "target_programs", lambda device: 1)
     u, W, grad_v = _inputs((3, 33, 4, 5, 3), torch.float32)
+    plan = routing.plan(3, 33, 4, 5, 3, routing.target_programs(u.device))
+    assert (plan.n_chunks > 1) == (sms is not None)
     v = ct.transform_route(u, W, 3, backend="triton")
     grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
     v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
@@ -169,3 +206,54 @@ def test_grid_splits_agree(programs, monkeypatch):
     v264, g264 = _ref64(dynamic_routing_ref, (u_hat,), grad_v, iterations=3)
     assert_close(v2, v264, FORWARD[torch.float32], "v (unfused)")
     assert_close(g2, g264, GRADIENT[torch.float32], "grad_u_hat")
+
+
+def _config_ids(configs):
+    return [f"B{c.kwargs['BLOCK_B']}w{c.num_warps}" for c in configs]
+
+
+def _check_config(kernel_name, config, monkeypatch, shape):
+    from capstriton.kernels import routing
+    monkeypatch.setattr(getattr(routing, kernel_name), "configs", [config])
+    u, W, grad_v = _inputs(shape, torch.float32)
+    v = ct.transform_route(u, W, 3, backend="triton")
+    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
+    v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
+    assert_close(v, v64, FORWARD[torch.float32], "v")
+    assert_close(grad_u, gu64, GRADIENT[torch.float32], "grad_u")
+    assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W")
+
+
+def _all_configs(name):
+    from capstriton.kernels import routing
+    return getattr(routing, name)
+
+
+@pytest.mark.parametrize("config", _all_configs("PASS_CONFIGS"), ids=_config_ids(_all_configs("PASS_CONFIGS")))
+def test_every_pass_config_matches_reference(config, monkeypatch):
+    _check_config("routing_pass_kernel", config, monkeypatch, (19, 9, 10, 16, 3))
+
+
+@pytest.mark.parametrize("config", _all_configs("GRAD_CONFIGS"), ids=_config_ids(_all_configs("GRAD_CONFIGS")))
+def test_every_grad_config_matches_reference(config, monkeypatch):
+    _check_config("routing_grad_fused_kernel", config, monkeypatch, (19, 9, 10, 16, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU (the interpreter's bf16 is wrong)")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_bf16_on_cuda_matches_reference(fused):
+    from tolerances import BF16_FORWARD, BF16_GRADIENT
+    u, W, grad_v = _inputs((33, 40, 10, 16, 8), torch.bfloat16)
+    if fused:
+        v = ct.transform_route(u, W, 3, backend="triton")
+        grads = torch.autograd.grad(v, (u, W), grad_v)
+        ref = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
+    else:
+        u_hat = caps_transform_ref(u.detach(), W.detach()).requires_grad_()
+        v = ct.dynamic_routing(u_hat, 3, backend="triton")
+        grads = torch.autograd.grad(v, u_hat, grad_v)
+        ref = _ref64(dynamic_routing_ref, (u_hat,), grad_v, iterations=3)
+    assert v.dtype == torch.bfloat16
+    assert_close(v, ref[0], BF16_FORWARD, "v")
+    for g, g64 in zip(grads, ref[1:]):
+        assert_close(g, g64, BF16_GRADIENT, "gradient")
