@@ -17,10 +17,20 @@ __all__ = [
 
 
 def squash_ref(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """v = x * |x|^2 / ((1 + |x|^2) * sqrt(|x|^2 + eps)); finite (with finite grads) at x = 0."""
-    sq_norm = (x * x).sum(dim=dim, keepdim=True)
-    # n/(1+n) and 1/sqrt(n+eps) separately: no intermediate overflows for large |x|.
-    return x * (sq_norm / (1.0 + sq_norm)) / torch.sqrt(sq_norm + eps)
+    """v = x * |x|^2 / ((1 + |x|^2) * sqrt(|x|^2 + eps)); finite (with finite grads) at x = 0 and
+    for every finite x: |x|^2 would overflow (fp32 above ~1.8e19, fp16 from 256), so each vector
+    is first divided by a power of two s near its largest entry (s = 1 for short vectors) and
+    the formula is written in z = x / s (kernels/squash.py derives it).  Half precision is
+    computed in fp32, like the kernels."""
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    max_abs = work.detach().abs().amax(dim=dim, keepdim=True)
+    # s is a constant for autograd: the expression below equals squash(x) for any fixed s > 0
+    s = torch.where(max_abs >= 1, torch.exp2(torch.floor(torch.log2(max_abs))), torch.ones_like(max_abs))
+    z = work / s
+    q = (z * z).sum(dim=dim, keepdim=True)
+    inv_s2 = (1.0 / s) ** 2  # underflows to 0 for huge s: the exact limit
+    t = 1.0 / (inv_s2 + q)  # s^2 / (1 + |x|^2)
+    return (z * (q * t / torch.sqrt(q + eps * inv_s2))).to(x.dtype)
 
 
 def caps_transform_ref(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,32 @@ def test_squash_reference_matches_formula():
     torch.testing.assert_close(squash_ref(x), expected)
 
 
+def test_squash_reference_rescaling_is_exact_over_every_scale():
+    # rows from 1e-30 to 1e100 (float64: the loop's |x|^2 does not overflow), across the switch
+    # at max |x| = 1 where the reference starts dividing by a power of two
+    scales = torch.tensor([1e-30, 1e-3, 0.999, 1.0, 1.001, 3.0, 1e10, 1e19, 1e100], dtype=torch.float64)
+    x = (torch.rand(len(scales), 6, dtype=torch.float64) + 0.1) * scales[:, None]
+    expected = torch.stack([torch.tensor(_squash_loop(r.tolist()), dtype=torch.float64) for r in x])
+    torch.testing.assert_close(squash_ref(x), expected, rtol=1e-13, atol=0)
+    # gradients through the rescaled path (max |x| > 1) and the plain one (max |x| < 1)
+    for scale in (0.3, 40.0):
+        x = (scale * torch.randn(3, 5, dtype=torch.float64)).requires_grad_()
+        assert torch.autograd.gradcheck(squash_ref, (x,))
+
+
+def test_squash_reference_fp32_huge_inputs_match_float64():
+    x = torch.tensor([[3e38, -1e38, 2.0], [1e19, 1e19, -1e19]], dtype=torch.float32, requires_grad=True)
+    y = squash_ref(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(squash_ref(x64).sum(), x64)
+    torch.testing.assert_close(y.double(), squash_ref(x64), rtol=1e-6, atol=1e-7)
+    # gradients ~ 1 / |x|: compared on that scale
+    torch.testing.assert_close(g.double() * x.detach().double().norm(dim=1, keepdim=True),
+                               g64 * x64.detach().norm(dim=1, keepdim=True), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_reference_gradcheck(iterations):
     # detach=True is by design not the true gradient (checked in closed form below)
