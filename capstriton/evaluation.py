@@ -38,8 +38,8 @@ def capsnet_config(state_dict: dict, args: dict | None = None) -> dict:
     image_size = recorded.get("image_size", args.get("image_size"))
     if image_size is None and decoder:
         image_size = math.isqrt(sd["decoder.4.weight"].shape[0] // in_channels)
-    if image_size is None:  # grid = ((S - 8) - 9) // 2 + 1: the smallest S giving that grid
-        image_size = 2 * (math.isqrt(in_caps // primary_caps) - 1) + 17
+    if image_size is None:  # grid = ((S - 8) - 9) // 2 + 1 holds for two sizes: take the even one
+        image_size = 2 * (math.isqrt(in_caps // primary_caps) - 1) + 18
     return {"in_channels": int(in_channels), "image_size": int(image_size), "conv_channels": int(conv_channels),
             "primary_caps": int(primary_caps), "primary_dim": int(primary_dim), "num_classes": int(num_classes),
             "digit_dim": int(digit_dim), "iterations": int(recorded.get("iterations", args.get("iterations", 3))),

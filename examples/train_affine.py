@@ -56,7 +56,7 @@ FULL = {"conv_channels": 256, "primary_caps": 32, "cnn_channels": (256, 256, 128
 # CPU demo: narrowed models, a time budget per model, 1,000 validation digits, the first 2,000
 # test digits (2 transformations each for the affine test).
 DEMO = {"conv_channels": 64, "primary_caps": 4, "cnn_channels": (32, 64, 32), "per_digit": 2,
-        "max_steps": 100_000, "eval_every": 150, "patience": 4, "time_budget": 240.0, "val_size": 1000,
+        "max_steps": 100_000, "eval_every": 100, "patience": 4, "time_budget": 240.0, "val_size": 1000,
         "test_digits": 2000}
 
 

@@ -1,0 +1,94 @@
+"""examples/evaluate.py, train_affine.py and train_multimnist.py end to end on tiny settings
+(on the PyTorch backend: the suite runs Triton under its slow interpreter)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import capstriton as ct
+from capstriton.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_writes_the_report_from_a_tiny_checkpoint(mnist_root, tmp_path):
+    torch.manual_seed(0)
+    model = ct.CapsNet(conv_channels=8, primary_caps=2, iterations=2)
+    with torch.no_grad():  # a few confident, mostly wrong answers: every figure has content
+        model.digit.weight.mul_(30.0)
+    args = {"mode": "cpu-demo", "dataset": "mnist", "model": {"conv_channels": 8, "primary_caps": 2,
+                                                                  "iterations": 2, "detach": False}}
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoint.pt", model=model, epoch=1, args=args)
+    summary = _script("evaluate").main([str(ckpt), "--data-dir", str(mnist_root), "--no-download",
+                                        "--test-subset", "150", "--examples", "4", "--perturbed", "2",
+                                        "--backend", "torch"])
+    out = tmp_path / "run" / "report"
+    expected = {"summary.json", "report.md", "confusion_matrix.png", "capsule_lengths.png",
+                "reconstructions_misclassified.png", "most_confident_errors.png"}
+    assert expected <= {p.name for p in out.iterdir()}
+    assert {f for f in summary["files"]} <= {p.name for p in out.iterdir()}
+    perturbation_files = [f for f in summary["files"] if f.startswith("perturbations_")]
+    assert len(perturbation_files) == len(summary["perturbed_digits"]) >= 1
+    saved = json.loads((out / "summary.json").read_text())
+    cm = torch.tensor(saved["confusion_matrix"])
+    assert int(cm.sum()) == 150 == saved["test_images"]
+    assert saved["misclassified"] == 150 - int(cm.diag().sum())
+    assert saved["test_error"] == pytest.approx(saved["misclassified"] / 150)
+    for k, acc in enumerate(saved["per_class_accuracy"]):
+        if cm[k].sum():
+            assert acc == pytest.approx(float(cm[k, k] / cm[k].sum()))
+    assert saved["perturbation"]["deltas"] == [-0.25, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    assert saved["model"]["conv_channels"] == 8 and saved["model"]["iterations"] == 2
+    assert "Test error" in (out / "report.md").read_text()
+
+
+def test_train_affine_tiny_run_and_its_checkpoint_evaluates(mnist_root, tmp_path):
+    out = tmp_path / "affine"
+    summary = _script("train_affine").main([
+        "--data-dir", str(mnist_root), "--no-download", "--out-dir", str(out), "--max-steps", "4",
+        "--eval-every", "2", "--batch-size", "8", "--val-size", "64", "--train-subset", "256", "--test-subset", "40",
+        "--per-digit", "2", "--conv-channels", "8", "--primary-caps", "2", "--cnn-channels", "4,8,4",
+        "--no-progress", "--backend", "torch"])
+    res = summary["results"]
+    assert set(res) == {"capsnet", "cnn"} and summary["affine_images"] == 80 and summary["clean_images"] == 40
+    assert abs(res["cnn"]["parameters"] - res["capsnet"]["parameters"]) / res["capsnet"]["parameters"] < 1e-3
+    for r in res.values():
+        assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["affine_accuracy"] <= 1 and r["steps"] <= 4
+    for f in ("summary.json", "results.md", "affine_examples.png", "metrics_capsnet.csv", "metrics_cnn.csv",
+              "capsnet/checkpoint.pt", "cnn/checkpoint.pt"):
+        assert (out / f).is_file(), f
+    assert load_checkpoint(out / "capsnet" / "checkpoint.pt")["args"]["model"]["image_size"] == 40
+    report = _script("evaluate").main([str(out / "capsnet" / "checkpoint.pt"), "--data-dir", str(mnist_root),
+                                       "--no-download", "--test-subset", "30", "--examples", "2", "--perturbed", "1",
+                                       "--backend", "torch"])
+    assert report["model"]["image_size"] == 40 and report["centred"]
+
+
+def test_train_multimnist_tiny_run(mnist_root, tmp_path):
+    out = tmp_path / "mm"
+    summary = _script("train_multimnist").main([
+        "--data-dir", str(mnist_root), "--no-download", "--out-dir", str(out), "--steps", "3", "--eval-every", "3",
+        "--batch-size", "8", "--test-size", "40", "--conv-channels", "8", "--primary-caps", "2", "--no-progress",
+        "--backend", "torch"])
+    assert summary["steps"] == 3 and summary["test_images"] == 40
+    assert summary["test_pair_error"] == pytest.approx(summary["test_pairs_wrong"] / 40)
+    for f in ("checkpoint.pt", "metrics.csv", "summary.json", "results.md", "multimnist_reconstructions.png"):
+        assert (out / f).is_file(), f
+    assert load_checkpoint(out / "checkpoint.pt")["args"]["model"]["image_size"] == 36
