@@ -28,11 +28,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import next_pow2
+
 
 def tile_dims(J: int, D: int) -> dict:
     """Constexpr tile widths for J output capsules of dimension D (plain Python: cheap on the host)."""
-    BJ = 1 << max(J - 1, 0).bit_length()
-    BD = 1 << max(D - 1, 0).bit_length()
+    BJ, BD = next_pow2(J), next_pow2(D)
     BDL = min(4, BD)
     return {"BJ": BJ, "BDH": BD // BDL, "BDL": BDL}
 

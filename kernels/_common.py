@@ -44,6 +44,16 @@ def autotune_cache_kwargs() -> dict:
     return {}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (triton.cdiv is a constexpr_function: microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1), in plain Python."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def autotune_restore(*names: str) -> dict:
     """autotune kwargs for a kernel that updates the named arguments in place: benchmarking its
     configs must not apply the update several times."""
@@ -53,7 +63,7 @@ def autotune_restore(*names: str) -> dict:
 def batch_bucket(B: int) -> int:
     """Autotune key for the batch: next power of two, so every batch size does not retune
     (plain Python: triton's helpers cost microseconds per host call)."""
-    return 1 << max(int(B) - 1, 0).bit_length()
+    return next_pow2(B)
 
 
 def on_device(tensor: torch.Tensor):

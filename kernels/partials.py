@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty
+from ._common import cdiv, empty
 
 MAX_GROUPS = 8  # batch groups (partial buffers) of a weight-gradient reduction
 SUM_BLOCK = 1024
@@ -41,7 +41,7 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return partials[0]
     out = empty(*partials.shape[1:], dtype=dtype, device=partials.device)
     E = out.numel()
-    sum_partials_kernel[(triton.cdiv(E, SUM_BLOCK),)](partials, out, E, partials.shape[0], BLOCK=SUM_BLOCK,
+    sum_partials_kernel[(cdiv(E, SUM_BLOCK),)](partials, out, E, partials.shape[0], BLOCK=SUM_BLOCK,
                                                       num_warps=4)
     return out
 

@@ -55,7 +55,8 @@ import triton.language as tl
 
 from ._capsule_tiles import (dot_d, expand, lanes_per_sample, last_to_arrive, prediction_tile, softmax_j,
                              softmax_j_grad, sum_chunk_partials, tile_dims, tile_offsets)
-from ._common import autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, empty, interpreter_enabled, on_device
+from ._common import (autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, cdiv, empty,
+                      interpreter_enabled, next_pow2, on_device)
 from ._common import use_tuned_configs
 from .partials import MAX_GROUPS, sum_partials
 from .squash import _squash_scale
@@ -78,7 +79,7 @@ def _config(block_b: int, warps: int) -> triton.Config:
 # forward and 101 backward on sm_90, no barrier in the capsule loop.  The rest: other one-sample-per-lane-group blocks,
 # then two samples per thread, then the configs of the first (3-D tile) kernels.
 PASS_CONFIGS = [_config(8, 4), _config(4, 2), _config(2, 1), _config(16, 8), _config(16, 4),
-                _config(8, 2), _config(16, 16), _config(4, 4)]
+                _config(16, 16), _config(4, 4)]
 # The fused gradient keeps dL/dW[i] of its batch group in registers (DIN x the tile): one warp
 # per program (250 registers on sm_90, no barrier in the loops) is the default.
 GRAD_CONFIGS = [_config(2, 1), _config(2, 2), _config(4, 2), _config(8, 4), _config(8, 8), _config(16, 8)]
@@ -329,10 +330,6 @@ def routing_grad_fused_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch plan (cached per shape and device) and launchers
 # ----------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -371,27 +368,26 @@ def plan(B: int, I: int, J: int, D: int, DIN: int, target: int) -> Plan:
     (one group writes the result directly)."""
     dims = tile_dims(J, D)
     budget = max(B * I * J * D // 4, I * J * D * DIN)
-    default_block = PASS_CONFIGS[0].kwargs["BLOCK_B"]
-    batch_blocks = _cdiv(B, default_block)
-    max_chunks = min(_cdiv(I, MIN_CAPS_PER_CHUNK), budget // (B * J * D))
-    n_chunks = max(1, min(max_chunks, _cdiv(target, batch_blocks)))
-    caps = _cdiv(I, n_chunks)
-    n_chunks = _cdiv(I, caps)
-    min_block = min(c.kwargs["BLOCK_B"] for c in PASS_CONFIGS)
-    count_len = _cdiv(B, min_block) if n_chunks > 1 else 1
+    batch_blocks = cdiv(B, PASS_CONFIGS[0].kwargs["BLOCK_B"])
+    counters = cdiv(B, min(c.kwargs["BLOCK_B"] for c in PASS_CONFIGS))  # int32, as many as batch blocks
+    max_chunks = min(cdiv(I, MIN_CAPS_PER_CHUNK), (budget - counters) // (B * J * D))
+    n_chunks = max(1, min(max_chunks, cdiv(target, batch_blocks)))
+    caps = cdiv(I, n_chunks)
+    n_chunks = cdiv(I, caps)
+    count_len = counters if n_chunks > 1 else 1
 
     grad_block = max(c.kwargs["BLOCK_B"] for c in GRAD_CONFIGS)
-    group_cap = min(MAX_GROUPS, _cdiv(B, grad_block), budget // (I * J * D * DIN))
+    group_cap = min(MAX_GROUPS, cdiv(B, grad_block), budget // (I * J * D * DIN))
     grad_chunks = max(1, min(I, target))
-    n_groups = max(1, min(group_cap, _cdiv(target, grad_chunks)))
+    n_groups = max(1, min(group_cap, cdiv(target, grad_chunks)))
     if n_groups > 1:  # fewer capsule chunks when the groups already fill the GPU
-        grad_chunks = max(1, min(I, _cdiv(target, n_groups)))
-    grad_caps = _cdiv(I, grad_chunks)
-    return Plan(dims, n_chunks, caps, count_len, _cdiv(I, grad_caps), grad_caps, n_groups, budget)
+        grad_chunks = max(1, min(I, cdiv(target, n_groups)))
+    grad_caps = cdiv(I, grad_chunks)
+    return Plan(dims, n_chunks, caps, count_len, cdiv(I, grad_caps), grad_caps, n_groups, budget)
 
 
 def _pass_grid(B: int, n_chunks: int):
-    return lambda meta: (_cdiv(B, meta["BLOCK_B"]), n_chunks)
+    return lambda meta: (cdiv(B, meta["BLOCK_B"]), n_chunks)
 
 
 def _sizes(u, W, u_hat, fused: bool):
@@ -432,7 +428,7 @@ def _backward_stats(ins, src, s_all, P_all, grad_v, iterations: int, detach: boo
     dev = src.device
     gs_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
     init_block = lanes_per_sample(p.dims["BJ"]) * INIT_WARPS
-    routing_bwd_init_kernel[(_cdiv(B, init_block),)](
+    routing_bwd_init_kernel[(cdiv(B, init_block),)](
         s_all[iterations - 1], grad_v, gs_all[iterations - 1], B, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block,
         num_warps=INIT_WARPS, **p.dims)
     if detach or iterations == 1:
@@ -494,7 +490,7 @@ def transform_route_bwd(u, W, s_all, P_all, grad_v, iterations: int, detach: boo
             if need_W else W
         routing_grad_fused_kernel[(p.grad_chunks, n_groups)](
             u, W, P_all, gs_all, grad_u, grad_W, B, I, iterations, p.grad_caps, n_groups, batch_bucket(B),
-            J=J, D=D, DIN=DIN, BDIN=1 << (DIN - 1).bit_length(), DETACH=detach, NEED_U=need_u, NEED_W=need_W, **p.dims)
+            J=J, D=D, DIN=DIN, BDIN=next_pow2(DIN), DETACH=detach, NEED_U=need_u, NEED_W=need_W, **p.dims)
         if need_W:
             grad_W = grad_W[0] if direct else sum_partials(grad_W, W.dtype)
         return (grad_u if need_u else None), (grad_W if need_W else None)

@@ -1,0 +1,82 @@
+"""Compile-check cases of the dynamic-routing kernels (``python -m capstriton.kernels.compile_check``).
+
+Every kernel at the configs its autotune list keeps for the paper's DigitCaps shape (J = 10 ->
+BJ = 16, D = 16, Din = 8; fp32 and fp16: every config, bf16: the default) and for the wider
+shape J = 32 (fp32, fp16).  ``default`` marks the config used before any tuning.
+"""
+from __future__ import annotations
+
+from ._capsule_tiles import lanes_per_sample, tile_dims
+from .routing import (GRAD_CONFIGS, INIT_WARPS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs,
+                      routing_bwd_init_kernel, routing_grad_fused_kernel, routing_grad_kernel, routing_pass_kernel)
+
+F32 = "*fp32"
+SHAPES = ((10, 16, 8, ("fp32", "fp16", "bf16")), (32, 16, 8, ("fp32", "fp16")))
+
+
+def _pick(prune, configs, dtype, dims):
+    kept = prune(configs, {}, **dims)
+    return [(c, c is configs[0]) for c in (kept if dtype != "bf16" else kept[:1])]
+
+
+def _case(name, fn, signature, constexprs, config, default):
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": {**constexprs, **config.kwargs},
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "default": default}
+
+
+def _pass_cases(src, dtype, tag, sizes, dims):
+    sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "P_ptr": F32, "gs_ptr": F32, "part_ptr": F32,
+           "count_ptr": "*i32", "s_ptr": F32, "out_ptr": F32, "next_ptr": F32, "B": "i32", "I": "i32",
+           "caps_per_chunk": "i32", "n_chunks": "i32", "eps": "fp32", "B_BUCKET": "i32"}
+    variants = (("forward", dict(BACKWARD=False, FIRST=False, LAST=False, ACCUMULATE=False, HAS_NEXT=False)),
+                ("forward-first", dict(BACKWARD=False, FIRST=True, LAST=False, ACCUMULATE=False, HAS_NEXT=False)),
+                ("backward", dict(BACKWARD=True, FIRST=False, LAST=False, ACCUMULATE=True, HAS_NEXT=True)))
+    cases = []
+    for fused in (True, False):
+        for what, flags in variants:
+            for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims):
+                cases.append(_case(f"routing_pass[{tag},{what},fused={fused}]", routing_pass_kernel.fn, sig,
+                                   {**sizes, **flags, "FUSED": fused, **dims}, cfg, default))
+    return cases
+
+
+def _grad_cases(src, dtype, tag, sizes, dims, din):
+    fused_sig = {"u_ptr": src, "W_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "grad_u_ptr": src,
+                 "grad_W_ptr": F32, "B": "i32", "I": "i32", "iterations": "i32", "caps_per_chunk": "i32",
+                 "n_groups": "i32", "B_BUCKET": "i32"}
+    unfused_sig = {"uhat_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "grad_uhat_ptr": src, "B": "i32",
+                   "I": "i32", "iterations": "i32", "caps_per_chunk": "i32", "B_BUCKET": "i32"}
+    cases = []
+    for detach in (False, True):
+        for cfg, default in _pick(prune_grad_configs, GRAD_CONFIGS, dtype, dims):
+            const = {**sizes, "BDIN": din, "DETACH": detach, "NEED_U": True, "NEED_W": True, **dims}
+            cases.append(_case(f"routing_grad_fused[{tag},detach={detach}]", routing_grad_fused_kernel.fn,
+                               fused_sig, const, cfg, default))
+        for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims):
+            const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **dims}
+            cases.append(_case(f"routing_grad[{tag},detach={detach}]", routing_grad_kernel.fn, unfused_sig, const,
+                               cfg, default))
+    return cases
+
+
+def _init_case(src, tag, sizes, dims):
+    sig = {"s_ptr": F32, "grad_v_ptr": src, "gs_ptr": F32, "B": "i32", "eps": "fp32"}
+    const = {"J": sizes["J"], "D": sizes["D"], "BLOCK_B": lanes_per_sample(dims["BJ"]) * INIT_WARPS, **dims}
+    return {"name": f"routing_bwd_init[{tag}]", "fn": routing_bwd_init_kernel, "signature": sig,
+            "constexprs": const, "num_warps": INIT_WARPS, "num_stages": 1, "default": True}
+
+
+def compile_cases() -> list[dict]:
+    cases = []
+    for J, D, din, dtypes in SHAPES:
+        dims = tile_dims(J, D)
+        sizes = {"J": J, "D": D, "DIN": din}
+        for dtype in dtypes:
+            src, tag = f"*{dtype}", f"{dtype},J={J}"
+            cases += _pass_cases(src, dtype, tag, sizes, dims)
+            cases += _grad_cases(src, dtype, tag, sizes, dims, din)
+            cases.append(_init_case(src, tag, sizes, dims))
+    return cases
+
+
+COMPILE_CASES = compile_cases()
