@@ -51,7 +51,10 @@ class DigitCaps(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.iterations, self.detach, self.backend = iterations, detach, backend
-        self.weight = nn.Parameter(init_std * torch.randn(in_caps, out_caps, out_dim, in_dim))
+        # shape (in_caps, out_caps, out_dim, in_dim), stored as (in_caps, in_dim, out_caps, out_dim): the
+        # fused kernels read that layout, so no transposed copy is made per call
+        stored = init_std * torch.randn(in_caps, in_dim, out_caps, out_dim)
+        self.weight = nn.Parameter(stored.permute(0, 2, 3, 1))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         # under autocast u may arrive in half precision: compute in u's dtype (fp32 inside the kernels)

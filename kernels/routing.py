@@ -82,26 +82,41 @@ PASS_CONFIGS = [_config(8, 4), _config(4, 2), _config(2, 1), _config(16, 8), _co
                 _config(16, 16), _config(4, 4)]
 # The fused gradient keeps dL/dW[i] of its batch group in registers (DIN x the tile): one warp
 # per program (250 registers on sm_90, no barrier in the loops) is the default.
-GRAD_CONFIGS = [_config(2, 1), _config(2, 2), _config(4, 2), _config(8, 4), _config(8, 8), _config(16, 8)]
+GRAD_CONFIGS = [_config(2, 1), _config(1, 1), _config(2, 2), _config(4, 2), _config(8, 4), _config(8, 8),
+                _config(16, 8)]
 
 
 def _elements_per_thread(config: triton.Config, BJ: int, BD: int) -> float:
     return config.kwargs["BLOCK_B"] * BJ * BD / (32 * config.num_warps)
 
 
-def _pruner(max_per_thread: int):
+def _key(config: triton.Config) -> tuple[int, int]:
+    return config.kwargs["BLOCK_B"], config.num_warps
+
+
+# (BLOCK_B, num_warps) that `python -m capstriton.kernels.compile_check` measured spilling
+# (sm_80 or sm_90, triton 3.8), by padded J, for the backward pass and the fused gradient
+PASS_BACKWARD_SPILLS = {16: {(16, 16)}}
+GRAD_SPILLS = {16: {(4, 2), (8, 4), (16, 8)}, 32: {(2, 2), (8, 8)}}
+
+
+def _pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = None):
     """early_config_prune: keep configs whose (BLOCK_B, BJ, BD) tile has at most max_per_thread
-    fp32 values per thread (spill-free on sm_80 / sm_90 by kernels/compile_check.py); if none
-    fits, the config with the smallest tile."""
+    fp32 values per thread and that were not measured spilling; if none is left, the config
+    with the smallest tile."""
     def prune(configs, named_args, **kwargs):
         BJ, BD = kwargs["BJ"], kwargs["BDH"] * kwargs["BDL"]
-        fitting = [c for c in configs if _elements_per_thread(c, BJ, BD) <= max_per_thread]
+        bad = spills.get(BJ, set())
+        if backward_spills and kwargs.get("BACKWARD"):
+            bad = bad | backward_spills.get(BJ, set())
+        fitting = [c for c in configs if _elements_per_thread(c, BJ, BD) <= max_per_thread and _key(c) not in bad]
         return fitting or [min(configs, key=lambda c: _elements_per_thread(c, BJ, BD))]
     return prune
 
 
-prune_pass_configs = _pruner(32)
-prune_grad_configs = _pruner(16)
+prune_pass_configs = _pruner(32, {}, PASS_BACKWARD_SPILLS)
+prune_grad_configs = _pruner(16, GRAD_SPILLS)
+prune_unfused_grad_configs = _pruner(16, {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ def _grad_uhat_tile(uhat, P_all_ptr, gs_all_ptr, bjd, mask, B, iterations, DETAC
 
 
 @triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "iterations", "DETACH"],
-                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
+                 prune_configs_by={"early_config_prune": prune_unfused_grad_configs}, **autotune_cache_kwargs())
 @triton.jit
 def routing_grad_kernel(
     uhat_ptr,         # (B, I, J, D) prediction vectors

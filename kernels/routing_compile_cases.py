@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from ._capsule_tiles import lanes_per_sample, tile_dims
 from .routing import (GRAD_CONFIGS, INIT_WARPS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs,
+                      prune_unfused_grad_configs,
                       routing_bwd_init_kernel, routing_grad_fused_kernel, routing_grad_kernel, routing_pass_kernel)
 
 F32 = "*fp32"
 SHAPES = ((10, 16, 8, ("fp32", "fp16", "bf16")), (32, 16, 8, ("fp32", "fp16")))
 
 
-def _pick(prune, configs, dtype, dims):
-    kept = prune(configs, {}, **dims)
+def _pick(prune, configs, dtype, dims, **flags):
+    kept = prune(configs, {}, **dims, **flags)
     return [(c, c is configs[0]) for c in (kept if dtype != "bf16" else kept[:1])]
 
 
@@ -34,7 +35,7 @@ def _pass_cases(src, dtype, tag, sizes, dims):
     cases = []
     for fused in (True, False):
         for what, flags in variants:
-            for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims):
+            for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims, BACKWARD=flags["BACKWARD"]):
                 cases.append(_case(f"routing_pass[{tag},{what},fused={fused}]", routing_pass_kernel.fn, sig,
                                    {**sizes, **flags, "FUSED": fused, **dims}, cfg, default))
     return cases
@@ -52,7 +53,7 @@ def _grad_cases(src, dtype, tag, sizes, dims, din):
             const = {**sizes, "BDIN": din, "DETACH": detach, "NEED_U": True, "NEED_W": True, **dims}
             cases.append(_case(f"routing_grad_fused[{tag},detach={detach}]", routing_grad_fused_kernel.fn,
                                fused_sig, const, cfg, default))
-        for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims):
+        for cfg, default in _pick(prune_unfused_grad_configs, PASS_CONFIGS, dtype, dims):
             const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **dims}
             cases.append(_case(f"routing_grad[{tag},detach={detach}]", routing_grad_kernel.fn, unfused_sig, const,
                                cfg, default))

@@ -167,17 +167,21 @@ def test_grad_W_is_deterministic_and_batch_groups_agree(sms, monkeypatch):
 
 
 def test_autotune_pruning_keeps_register_fitting_configs():
-    from capstriton.kernels.routing import GRAD_CONFIGS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs
+    from capstriton.kernels.routing import (GRAD_CONFIGS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs,
+                                            prune_unfused_grad_configs)
 
-    def picked(prune, configs, BJ, BD):
+    def picked(prune, configs, BJ, BD, **flags):
         dims = {"BJ": BJ, "BDH": max(1, BD // 4), "BDL": min(4, BD)}
-        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune(configs, {}, **dims)]
+        return [(c.kwargs["BLOCK_B"], c.num_warps) for c in prune(configs, {}, **dims, **flags)]
 
-    # paper width: everything up to two samples per thread (forward / backward passes), one for the gradient
-    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16) == [
-        (8, 4), (4, 2), (2, 1), (16, 8), (16, 4), (8, 2), (16, 16), (4, 4)]
-    assert picked(prune_grad_configs, GRAD_CONFIGS, 16, 16) == [(2, 1), (2, 2), (4, 2), (8, 4), (8, 8), (16, 8)]
-    assert picked(prune_grad_configs, GRAD_CONFIGS, 32, 16) == [(2, 2), (8, 8)]  # J = 17..32
+    # paper width: up to two samples per thread in the passes, minus the measured spills
+    paper_pass = [(8, 4), (4, 2), (2, 1), (16, 8), (16, 4), (16, 16), (4, 4)]
+    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16, BACKWARD=False) == paper_pass
+    assert picked(prune_pass_configs, PASS_CONFIGS, 16, 16, BACKWARD=True) == [c for c in paper_pass if c != (16, 16)]
+    assert picked(prune_unfused_grad_configs, PASS_CONFIGS, 16, 16) == [
+        (8, 4), (4, 2), (2, 1), (16, 8), (16, 16), (4, 4)]
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 16, 16) == [(2, 1), (1, 1), (2, 2), (8, 8)]
+    assert picked(prune_grad_configs, GRAD_CONFIGS, 32, 16) == [(1, 1)]  # J = 17..32
     assert picked(prune_pass_configs, PASS_CONFIGS, 64, 16) == [(16, 16), (4, 4)]
     assert picked(prune_pass_configs, PASS_CONFIGS, 128, 16) == [(16, 16)]  # none fits: the smallest tile
 
