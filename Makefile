@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test setup bench bench-smoke compile-check tune clean
+.PHONY: train test setup bench bench-smoke bench-host compile-check tune clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_digitcaps.py --smoke $(ARGS)
+
+bench-host: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) benchmarks/bench_digitcaps.py --host-overhead $(ARGS)
 
 compile-check: $(STAMP)
 	$(PY) -m capstriton.kernels.compile_check $(ARGS)

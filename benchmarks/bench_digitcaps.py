@@ -9,24 +9,39 @@ Providers (u (B, I, Din), W (I, J, Dout, Din) -> v (B, J, Dout)):
     eager     ct.transform_route(u, W, backend="torch")            plain PyTorch reference
     compiled  torch.compile(capstriton.reference.transform_route_ref)
 
-Work model (per shape; r routing iterations, e bytes per element; detach=False):
-  FLOPs, counting the fused algorithm (u_hat = W u recomputed in every pass), per (b, i, j):
-    T  = 2 Din Dout                               one u_hat evaluation
-    forward  = r (T + 2 Dout + 5) + (r - 1) 2 Dout
-               [u_hat, weighted sum s, softmax ~5; agreement u_hat . V for t >= 2]
-    backward = (r - 1) (T + 6 Dout + 9)           reduction passes t = r..2 (recompute u_hat,
-                                                  logits, softmax, u_hat . gs, softmax grad, sum gb u_hat)
-             + 3 T                                final pass: recompute u_hat, dL/du = W^T g, dL/dW = g u^T
-             + r (8 Dout + 9)                     final pass, every t: logits, softmax, gc, gb, dL/du_hat
-    full     = forward + backward                 squash terms (O(B J Dout r)) are ignored
+Work model (per shape; r routing iterations, e bytes per element; detach=False; counts per
+(b, i, j) triple, squash terms O(B J Dout r) left out):
+  USEFUL FLOPs: what a minimal unfused algorithm needs: u_hat = W u computed once, no padding,
+  the uniform first coupling (c^0 = 1/J) free.  T = 2 Din Dout (one u_hat evaluation).
+    forward  = T + Dout + (r - 1) (4 Dout + 5)
+               [u_hat; t = 0: s = sum_i u_hat / J; t >= 1: logits u_hat . P (2 Dout), softmax (~5),
+                weighted sum (2 Dout)]
+    backward = 2 T + Dout + (r - 1) (8 Dout + 4)
+               [dL/du = W^T g and dL/dW = g u^T; t = 0: g += gs / J; t >= 1: g += c gs, gc = u_hat . gs,
+                softmax gradient (~4), g += gb P, dL/dP += gb u_hat]
+  EXECUTED FLOPs: what the fused kernels (kernels/routing.py) execute: u_hat recomputed in every
+  pass, J and Dout padded to powers of two (BJ, BD: masked lanes compute too), Din padded to BDIN
+  in the weight-gradient accumulation.  Per (b, i, padded j) lane, with Te = 2 Din BD:
+    forward  = r Te + BD + (r - 1) (4 BD + 5)                    one pass per iteration
+    backward = (r - 1) (Te + 6 BD + 9)                           reduction passes t = r-1 .. 1
+             + Te + BD + (r - 1) (8 BD + 9) + Te + 2 BDIN BD     final pass: u_hat, dL/du_hat for
+                                                                 every t, dL/du, dL/dW
   Bytes that must move (the compulsory traffic of any implementation):
     forward  = e (B I Din + I J Dout Din + B J Dout)             read u, W; write v
     backward = e (2 B I Din + 2 I J Dout Din + B J Dout)         read u, W, dv; write du, dW
-    full     = forward + backward
-  Floors: compute = FLOPs / peak fp32 FLOP/s, memory = bytes / peak DRAM bandwidth (peaks from
-  harness.PEAKS by device name); roofline_fraction = max(floors) / measured time.
-The same FLOP and byte counts are used for every provider, so TFLOP/s and GB/s compare providers
-on the same work; the unfused and eager paths also move the B I J Dout tensor u_hat.
+    full     = forward + backward (also for the FLOPs)
+  Floors: compute = USEFUL FLOPs / peak fp32 FLOP/s, memory = bytes / peak DRAM bandwidth (peaks
+  from harness.PEAKS by device name); roofline_fraction = max(floors) / measured time, i.e.
+  against useful work.  TFLOP/s columns: useful (tflops) and executed (executed_tflops) per time.
+The same counts are used for every provider, so TFLOP/s and GB/s compare providers on the same
+work; the unfused and eager paths also move the B I J Dout tensor u_hat.
+
+Host overhead (--host-overhead): at the fixed tiny shape B=2, I=4, J=2, Dout=2, Din=2 (r=3),
+host microseconds per fused forward+backward with every Triton kernel launch stubbed out
+(harness.stubbed_triton_launches: no kernel runs, so it works on a CPU without a GPU and
+without the interpreter), next to the host time of the plain-PyTorch reference's forward+
+backward of the same problem, their ratio, and the kernel launches per fused forward+backward
+(Triton launches counted by the stub, plus torch ops that run a kernel, from the profiler).
 
 Whole model: CapsNet training images/second (forward, margin + 0.0005 reconstruction loss,
 backward, Adam step) with backend="triton" and backend="torch".
@@ -35,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import math
 import os
 import sys
@@ -67,25 +83,43 @@ def parse_args(argv=None):
                    help="torch.compile backend for 'compiled' (default inductor; aot_eager with --smoke)")
     p.add_argument("--model-batch", type=int, default=128, help="CapsNet training batch (0: skip the model)")
     p.add_argument("--model-steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="only the host-overhead measurement (launches stubbed; works without a GPU)")
+    p.add_argument("--host-reps", type=int, default=200, help="timed batches of the host-overhead measurement")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     return p.parse_args(argv)
 
 
-def digitcaps_cost(shape: dict, mode: str, r: int, elem_bytes: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of the work model in the module docstring."""
+def useful_flops(shape: dict, mode: str, r: int) -> float:
+    """FLOPs of the minimal unfused algorithm (module docstring)."""
     B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
-    pairs = B * I * J
     T = 2 * Din * Dout
-    fwd_flops = pairs * (r * (T + 2 * Dout + 5) + (r - 1) * 2 * Dout)
-    bwd_flops = pairs * ((r - 1) * (T + 6 * Dout + 9) + 3 * T + r * (8 * Dout + 9))
-    fwd_bytes = elem_bytes * (B * I * Din + I * J * Dout * Din + B * J * Dout)
-    bwd_bytes = elem_bytes * (2 * B * I * Din + 2 * I * J * Dout * Din + B * J * Dout)
-    if mode == "forward":
-        return float(fwd_flops), float(fwd_bytes)
-    if mode == "backward":
-        return float(bwd_flops), float(bwd_bytes)
-    return float(fwd_flops + bwd_flops), float(fwd_bytes + bwd_bytes)
+    fwd = T + Dout + (r - 1) * (4 * Dout + 5)
+    bwd = 2 * T + Dout + (r - 1) * (8 * Dout + 4)
+    return float(B * I * J * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
+
+
+def executed_flops(shape: dict, mode: str, r: int) -> float:
+    """FLOPs the fused kernels execute: recomputation and power-of-two padding (module docstring)."""
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    BJ, BD, BDIN = (1 << max(n - 1, 0).bit_length() for n in (J, Dout, Din))
+    Te = 2 * Din * BD
+    fwd = r * Te + BD + (r - 1) * (4 * BD + 5)
+    bwd = (r - 1) * (Te + 6 * BD + 9) + Te + BD + (r - 1) * (8 * BD + 9) + Te + 2 * BDIN * BD
+    return float(B * I * BJ * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
+
+
+def compulsory_bytes(shape: dict, mode: str, elem_bytes: int) -> float:
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    fwd = elem_bytes * (B * I * Din + I * J * Dout * Din + B * J * Dout)
+    bwd = elem_bytes * (2 * B * I * Din + 2 * I * J * Dout * Din + B * J * Dout)
+    return float({"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
+
+
+def digitcaps_cost(shape: dict, mode: str, r: int, elem_bytes: int) -> tuple[float, float, float]:
+    """(useful FLOPs, compulsory bytes, executed FLOPs) of the work model in the module docstring."""
+    return useful_flops(shape, mode, r), compulsory_bytes(shape, mode, elem_bytes), executed_flops(shape, mode, r)
 
 
 def build_providers(names, r: int, compile_backend: str | None):
@@ -159,6 +193,112 @@ def model_throughput(backend: str, batch: int, steps: int, device, dtype, model_
     return row
 
 
+HOST_SHAPE = dict(B=2, I=4, Din=2, J=2, Dout=2)
+HOST_GOAL = 0.4  # issue 7: fused host time at most 0.4 x the reference's
+
+
+def host_overhead(device=None, iterations: int = 3, reps: int = 200, inner: int = 10, log=print) -> dict:
+    """Host microseconds per fused forward+backward (ct.transform_route on backend="triton",
+    torch.autograd.grad for u and W) at HOST_SHAPE with every Triton launch stubbed out, the
+    reference's (backend="torch") for the same forward+backward, their ratio, and the kernel
+    launches of one fused forward+backward.
+
+    The main number stubs at the driver (harness.stubbed_triton_launches("driver"): Triton's own
+    per-launch host path is included); ``fused_host_us_jit`` stubs JITFunction.run (capstriton's
+    host work only), and their difference is Triton's launch path.  If the driver stand-in fails
+    with the installed triton, the JIT-level number is used and ``stub_level`` says so.  Works
+    on a CPU without a GPU and without TRITON_INTERPRET: there the "triton" backend is forced
+    (the CUDA-or-interpreter check of the backend dispatch is bypassed).  One torch thread (on
+    the CPU the reference's tiny ops would otherwise time the thread pool's wake-ups).  Median
+    of `reps` batches of `inner` calls; the reference is timed in the same run."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import harness
+
+    import capstriton as ct
+
+    tr_module = importlib.import_module("capstriton.transform_route")  # the package attribute is the function
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(0)
+    sh = HOST_SHAPE
+    u = torch.randn(sh["B"], sh["I"], sh["Din"], generator=g).to(device).requires_grad_()
+    W = (0.5 * torch.randn(sh["I"], sh["J"], sh["Dout"], sh["Din"], generator=g)).to(device).requires_grad_()
+    dv = torch.randn(sh["B"], sh["J"], sh["Dout"], generator=g).to(device)
+
+    def fwd_bwd(backend):
+        return lambda: torch.autograd.grad(ct.transform_route(u, W, iterations, backend=backend), (u, W), dv)
+
+    def stubbed(level):
+        with harness.stubbed_triton_launches(level) as launches:
+            fused = fwd_bwd("triton")
+            fused()  # first call: compilation (driver level), plan caches, autotuner keys
+            launches.clear()
+            fused()
+            counted = dict(launches)
+            torch_kernels = dict(harness.count_kernel_ops(fused))
+            return counted, torch_kernels, harness.host_time_us(fused, device, reps=reps, inner=inner)
+
+    saved_resolve, saved_poison = tr_module.resolve_backend, os.environ.get("CAPSTRITON_POISON_OUTPUTS")
+    saved_threads = torch.get_num_threads()
+    os.environ["CAPSTRITON_POISON_OUTPUTS"] = "0"  # the suite's NaN fill would add kernels
+    torch.set_num_threads(1)
+    if device.type != "cuda":
+        tr_module.resolve_backend = lambda backend, *tensors: backend if backend != "auto" else "torch"
+    stub_level, stub_error = "driver", ""
+    try:
+        triton_launches, torch_kernels, jit_us = stubbed("jit")
+        try:
+            triton_launches, torch_kernels, fused_us = stubbed("driver")
+        except Exception as exc:  # another triton's internals: keep the JIT-level number
+            stub_level, stub_error, fused_us = "jit", f"{type(exc).__name__}: {exc}".splitlines()[0], jit_us
+        ref_us = harness.host_time_us(fwd_bwd("torch"), device, reps=reps, inner=inner)
+    finally:
+        tr_module.resolve_backend = saved_resolve
+        torch.set_num_threads(saved_threads)
+        if saved_poison is None:
+            os.environ.pop("CAPSTRITON_POISON_OUTPUTS", None)
+        else:
+            os.environ["CAPSTRITON_POISON_OUTPUTS"] = saved_poison
+    env = harness.environment(device)
+    row = {"bench": "host_overhead", "shape": f"B{sh['B']} I{sh['I']} Din{sh['Din']} J{sh['J']} Dout{sh['Dout']}",
+           "iterations": iterations, "device": env["device"], "stub_level": stub_level,
+           "fused_host_us": fused_us[0], "fused_host_us_p20": fused_us[1], "fused_host_us_p80": fused_us[2],
+           "fused_host_us_jit": jit_us[0], "triton_launch_path_us": fused_us[0] - jit_us[0],
+           "reference_host_us": ref_us[0], "reference_host_us_p20": ref_us[1], "reference_host_us_p80": ref_us[2],
+           "ratio": fused_us[0] / ref_us[0], "goal_ratio": HOST_GOAL,
+           "triton_launches": sum(triton_launches.values()), "torch_kernel_ops": sum(torch_kernels.values()),
+           "reps": reps, "inner": inner, "load_average": _load_average(), "stub_error": stub_error}
+    row["launches"] = row["triton_launches"] + row["torch_kernel_ops"]
+    log(f"host overhead {row['shape']} r={iterations} on {env['device']}: fused forward+backward "
+        f"{fused_us[0]:.1f} us with launches stubbed at the {stub_level} ({jit_us[0]:.1f} us before Triton's "
+        f"launch path), reference {ref_us[0]:.1f} us, ratio {row['ratio']:.2f} (goal <= {HOST_GOAL}); "
+        f"{row['launches']} launches ({row['triton_launches']} Triton {triton_launches}, "
+        f"{row['torch_kernel_ops']} torch {torch_kernels}); load {row['load_average']}"
+        + (f"; driver stub failed: {stub_error}" if stub_error else ""))
+    return {"environment": env, "row": row, "triton_launches": triton_launches, "torch_kernel_ops": torch_kernels}
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
+
+
+def write_host_overhead(result: dict, out_dir: Path) -> Path:
+    """host_overhead_<device>.csv and .json in out_dir; returns the stem path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import harness
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"host_overhead_{harness.slug(result['environment']['device'])}"
+    harness.write_csv(f"{stem}.csv", [result["row"]])
+    harness.write_json(f"{stem}.json", result)
+    return stem
+
+
 def _sync(device):
     import torch
 
@@ -168,6 +308,11 @@ def _sync(device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host_overhead:
+        result = host_overhead(iterations=args.iterations, reps=args.host_reps)
+        stem = write_host_overhead(result, Path(args.out) if args.out else REPO / "docs" / "benchmarks")
+        print(f"wrote {stem}.{{csv,json}}")
+        return 0
     if args.smoke:
         # The interpreter must be chosen before triton is first imported.
         os.environ["TRITON_INTERPRET"] = "1"
@@ -258,21 +403,25 @@ def render_markdown(env: dict, rows: list[dict], model_rows: list[dict], harness
              f"fp32 matmul precision {env['matmul_precision']}, torch.compile backend {env['compile_backend']}",
              "", "Times are medians (20th-80th percentile in brackets).  Speedups are eager or compiled time "
              "divided by the provider's time.  TFLOP/s and GB/s use the work model of "
-             "benchmarks/bench_digitcaps.py (same counts for every provider); roofline = max(compute floor, "
-             "memory floor) / time.", ""]
+             "benchmarks/bench_digitcaps.py (same counts for every provider): useful TFLOP/s count the "
+             "minimal unfused algorithm (u_hat computed once, no padding), exec TFLOP/s what the fused "
+             "kernels execute (recomputation, J/D padded to powers of two); roofline = max(useful compute "
+             "floor, memory floor) / time.", ""]
     for r in rows:
         r["ms_range"] = "" if math.isnan(r["ms"]) else f"{r['ms']:.4g} [{r['ms_p20']:.4g}-{r['ms_p80']:.4g}]"
     parts.append(harness.markdown_table(rows, [
         ("shape", "shape"), ("mode", "mode"), ("provider", "provider"), ("ms", "ms_range"),
-        ("x eager", "speedup_vs_eager"), ("x compiled", "speedup_vs_compiled"), ("TFLOP/s", "tflops"),
-        ("GB/s", "gbs"), ("roofline", "roofline_fraction"), ("peak MiB", "peak_mem_mb"), ("error", "error")]))
+        ("x eager", "speedup_vs_eager"), ("x compiled", "speedup_vs_compiled"), ("useful TFLOP/s", "tflops"),
+        ("exec TFLOP/s", "executed_tflops"), ("GB/s", "gbs"), ("roofline", "roofline_fraction"), ("peak MiB", "peak_mem_mb"), ("error", "error")]))
     floors, seen = [], set()
     for r in rows:
         if (r["shape"], r["mode"]) not in seen:
             seen.add((r["shape"], r["mode"]))
-            floors.append({**r, "gflop": r["flops"] / 1e9, "mb": r["bytes"] / 1e6})
+            floors.append({**r, "gflop": r["flops"] / 1e9, "exec_gflop": r["executed_flops"] / 1e9,
+                           "mb": r["bytes"] / 1e6})
     parts += ["", "## Floors", "", harness.markdown_table(floors, [
-        ("shape", "shape"), ("mode", "mode"), ("GFLOP", "gflop"), ("MB moved", "mb"),
+        ("shape", "shape"), ("mode", "mode"), ("useful GFLOP", "gflop"), ("executed GFLOP", "exec_gflop"),
+        ("MB moved", "mb"),
         ("compute floor ms", "compute_floor_ms"), ("memory floor ms", "memory_floor_ms")])]
     if model_rows:
         parts += ["", "## CapsNet training throughput", "", harness.markdown_table(model_rows, [

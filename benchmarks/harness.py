@@ -15,6 +15,7 @@ Peak memory: torch.cuda.max_memory_allocated() above the memory held before one 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -24,7 +25,9 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -165,7 +168,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------- runner
 @dataclass
 class Benchmark:
-    """providers x shapes x modes.  ``cost(shape, mode) -> (flops, bytes)`` gives the work model;
+    """providers x shapes x modes.  ``cost(shape, mode) -> (flops, bytes)`` or (useful flops,
+    bytes, executed flops) gives the work model (floors and the roofline use the useful flops);
     ``label(shape)`` a short name for a shape."""
     name: str
     providers: dict[str, Callable]
@@ -199,12 +203,14 @@ def run(bench: Benchmark, timer: Timer, peaks: tuple[float | None, float | None]
     for shape in bench.shapes:
         inputs = bench.make_inputs(shape)
         for mode in bench.modes:
-            flops, nbytes = bench.cost(shape, mode)
+            cost = bench.cost(shape, mode)
+            flops, nbytes = cost[0], cost[1]
+            executed = cost[2] if len(cost) > 2 else flops
             compute_floor = flops / peak_flops * 1e3 if peak_flops else float("nan")
             memory_floor = nbytes / peak_bw * 1e3 if peak_bw else float("nan")
             for pname, provider in bench.providers.items():
                 row = {"bench": bench.name, "shape": bench.label(shape), **shape, **bench.extra_columns,
-                       "mode": mode, "provider": pname, "flops": flops, "bytes": nbytes,
+                       "mode": mode, "provider": pname, "flops": flops, "executed_flops": executed, "bytes": nbytes,
                        "compute_floor_ms": compute_floor, "memory_floor_ms": memory_floor, "error": ""}
                 try:
                     fn = _mode_fn(provider, inputs, mode)
@@ -219,6 +225,7 @@ def run(bench: Benchmark, timer: Timer, peaks: tuple[float | None, float | None]
                         torch.cuda.empty_cache()
                 ms = row["ms"]
                 row["tflops"] = flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+                row["executed_tflops"] = executed / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
                 row["gbs"] = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
                 floor = max(compute_floor, memory_floor)
                 row["roofline_fraction"] = floor / ms if ms > 0 and not math.isnan(floor) else float("nan")
@@ -237,6 +244,139 @@ def add_speedup(rows: list[dict], baseline: str) -> None:
     for r in rows:
         base = ref.get((r["bench"], r["shape"], r["mode"]), float("nan"))
         r[f"speedup_vs_{baseline}"] = base / r["ms"] if r["ms"] > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------- host overhead
+class _NoLaunchDriver:
+    """A Triton driver that compiles for a fixed GPU target but never touches a GPU: loading a
+    compiled kernel returns dummy handles and a launch only counts.  Everything Triton does on
+    the host per launch (argument binding, specialization key, kernel-cache lookup, grid, launch
+    metadata) still runs."""
+
+    def __init__(self, launches: Counter, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        props = {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132, "max_num_regs": 65536,
+                 "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+        self.utils = type("Utils", (), {
+            "load_binary": staticmethod(lambda name, kernel, shared, device: (0, 0, 0, 0, 1024)),
+            "get_device_properties": staticmethod(lambda device: props)})()
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                self.name = getattr(metadata, "name", "kernel")
+
+            def __call__(self, *args, **kwargs):
+                launches[self.name] += 1
+
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def stubbed_triton_launches(level: str = "driver"):
+    """Within the block no Triton kernel runs: nothing touches a GPU, so this works on a GPU, on
+    a CPU without one, and under the interpreter.  Yields a Counter of launches per kernel name.
+
+    level "driver": Triton's launch path runs up to the driver call (a stand-in driver for an
+    sm_90 target: kernels are compiled on first use, loaded as dummies, launches counted), so
+    its per-launch host cost is included.  level "jit": JITFunction.run (and the interpreter's
+    run) return at once, so only the caller's host work is measured.  Everything before the
+    launch (Python, dispatch, autograd, allocation, grids, autotuner key and pruning) runs in
+    both.  Autotuners that would benchmark get zero timings (and skip triton's disk cache)."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    launches = Counter()
+
+    def no_launch(self, *args, **kwargs):
+        launches[getattr(getattr(self, "fn", None), "__name__", type(self).__name__)] += 1
+
+    def bench_without_disk_cache(self, key, configs, benchmark):
+        benchmark()
+        return False
+
+    targets = [(Autotuner, "_bench", lambda self, *a, **k: [0.0, 0.0, 0.0])]
+    if hasattr(Autotuner, "check_disk_cache"):
+        targets.append((Autotuner, "check_disk_cache", bench_without_disk_cache))
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    if level == "jit":
+        targets.append((JITFunction, "run", no_launch))
+    elif level != "driver":
+        raise ValueError(f"level must be 'driver' or 'jit', got {level!r}")
+    if interpreter is not None and hasattr(interpreter, "InterpretedFunction"):
+        targets.append((interpreter.InterpretedFunction, "run", no_launch))
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in targets]
+    config = importlib.import_module("triton.runtime.driver").driver  # the DriverConfig every launch asks
+    saved_driver = config._active
+    try:
+        for cls, name, fn in targets:
+            setattr(cls, name, fn)
+        if level == "driver":
+            config._active = _NoLaunchDriver(launches)
+        yield launches
+    finally:
+        config._active = saved_driver
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+# aten ops that only allocate or change metadata: no kernel of their own
+NO_KERNEL_OPS = frozenset({
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+    "as_strided", "select", "slice", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "t", "transpose",
+    "permute", "expand", "expand_as", "view_as", "detach", "alias", "lift_fresh", "resolve_conj",
+    "resolve_neg", "set_", "resize_", "contiguous", "movedim", "flatten", "unflatten", "split", "chunk",
+    "narrow", "unbind", "to", "type_as", "result_type", "is_same_size", "_has_compatible_shallow_copy_type",
+    "size", "stride", "numel", "dim", "is_nonzero"})
+
+
+def count_kernel_ops(fn: Callable[[], object]) -> Counter:
+    """torch ops that run a kernel during fn(): leaf aten events of the profiler (an op that calls
+    others is counted through them) that are not allocation or metadata ops.  The profiler also
+    sees inside torch.library custom ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    has_aten_child = {id(e.cpu_parent) for e in prof.events()
+                      if e.cpu_parent is not None and e.name.startswith("aten::")}
+    found = Counter()
+    for e in prof.events():
+        if e.name.startswith("aten::") and id(e) not in has_aten_child \
+                and e.name[len("aten::"):] not in NO_KERNEL_OPS:
+            found[e.name] += 1
+    return found
+
+
+def host_time_us(fn: Callable[[], object], device: torch.device, reps: int = 200, inner: int = 10,
+                 warmup: int = 20) -> tuple[float, float, float]:
+    """Host microseconds per call of fn: (median, p20, p80) over `reps` timed batches of `inner`
+    calls.  No synchronization inside a batch (on CUDA the device is synchronized before each),
+    so this is the time the host needs to issue the work."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner * 1e6)
+    times.sort()
+    return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8)
 
 
 # ----------------------------------------------------------------------------------------- output
