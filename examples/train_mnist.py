@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 import capstriton as ct  # noqa: E402
 from capstriton import data, training  # noqa: E402
 from capstriton._io import atomic_write, remove_stale_temporaries  # noqa: E402
-from capstriton.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from capstriton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 NUM_CLASSES = 10  # MNIST and Fashion-MNIST
 
@@ -467,7 +467,10 @@ class Run:
 
     def restore(self) -> int:
         """Load --out-dir/checkpoint.pt (on every rank); the first epoch to run."""
-        state = load_checkpoint(self.ckpt_path, map_location=self.device)
+        try:
+            state = load_checkpoint(self.ckpt_path, map_location=self.device)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise SystemExit(f"--resume: {e}") from None
         saved_model = state["args"].get("model")
         saved_model = {"arch": "capsnet", **saved_model} if saved_model and "arch" not in saved_model else saved_model
         if saved_model != self.cfg["model"]:
