@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test setup bench bench-smoke bench-host compile-check tune clean
+.PHONY: train test setup bench bench-smoke bench-host gpu-bundle compile-check tune clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ bench-smoke: $(STAMP)
 
 bench-host: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) benchmarks/bench_digitcaps.py --host-overhead $(ARGS)
+
+# data/gpu-bundle: MNIST gzipped + wheels for benchmarks/gpu_verify.sh on a GPU machine (docs/gpu/README.md)
+gpu-bundle: $(STAMP)
+	$(PY) benchmarks/gpu_bundle.py
 
 compile-check: $(STAMP)
 	$(PY) -m capstriton.kernels.compile_check $(ARGS)

@@ -372,7 +372,9 @@ def main(argv=None) -> int:
         extra_columns={"iterations": r, "dtype": args.dtype},
     )
     peaks = harness.device_peaks(env["device"])[:2]
-    rows = harness.run(bench, timer, peaks)
+    stem = f"digitcaps_{harness.slug(env['device'])}_{args.dtype}"
+    # partial CSV after every row: a run stopped by a time limit keeps what it measured
+    rows = harness.run(bench, timer, peaks, on_row=lambda done: harness.write_csv(out_dir / f"{stem}.csv", done))
 
     model_rows = []
     if model_batch:
@@ -382,7 +384,6 @@ def main(argv=None) -> int:
         for m in model_rows:
             m["speedup_vs_torch"] = m["images_per_s"] / ref if ref > 0 else float("nan")
 
-    stem = f"digitcaps_{harness.slug(env['device'])}_{args.dtype}"
     harness.write_csv(out_dir / f"{stem}.csv", rows)
     if model_rows:
         harness.write_csv(out_dir / f"capsnet_train_{harness.slug(env['device'])}_{args.dtype}.csv", model_rows)

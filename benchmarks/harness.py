@@ -196,8 +196,10 @@ def _mode_fn(provider: Callable, inputs: tuple, mode: str) -> Callable[[], objec
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def run(bench: Benchmark, timer: Timer, peaks: tuple[float | None, float | None], log=print) -> list[dict]:
-    """Time every (shape, mode, provider); returns one row per combination."""
+def run(bench: Benchmark, timer: Timer, peaks: tuple[float | None, float | None], log=print,
+        on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Time every (shape, mode, provider); returns one row per combination.  ``on_row(rows)``
+    is called after every row (e.g. to save partial results of a run that may be cut short)."""
     peak_flops, peak_bw = peaks
     rows = []
     for shape in bench.shapes:
@@ -230,6 +232,8 @@ def run(bench: Benchmark, timer: Timer, peaks: tuple[float | None, float | None]
                 floor = max(compute_floor, memory_floor)
                 row["roofline_fraction"] = floor / ms if ms > 0 and not math.isnan(floor) else float("nan")
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 log(f"{bench.name} {row['shape']} {mode:8s} {pname:9s} "
                     + (f"{ms:9.3f} ms" if not row["error"] else f"ERROR {row['error']}"))
         del inputs

@@ -120,3 +120,49 @@ def test_host_overhead_cli(tmp_path):
     assert abs(float(row["ratio"]) - float(row["fused_host_us"]) / float(row["reference_host_us"])) < 1e-9
     payload = json.loads(next(tmp_path.glob("host_overhead_*.json")).read_text())
     assert payload["row"]["stub_level"] in ("driver", "jit") and payload["triton_launches"]
+
+
+# --- benchmarks/gpu_verify.sh: the plan, the time boxes and the summary, without a GPU
+GPU_VERIFY = REPO / "benchmarks" / "gpu_verify.sh"
+ORDER = ["setup", "tests", "bench-paper", "host-overhead", "train-epoch", "tune", "bench-full", "compile-check"]
+
+
+def test_gpu_verify_syntax_and_plan():
+    assert subprocess.run(["bash", "-n", str(GPU_VERIFY)]).returncode == 0
+    for mode in ("--quick", "--full"):
+        proc = subprocess.run(["bash", str(GPU_VERIFY), mode, "--dry-run", "--results", "R"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        steps = [line.split()[1] for line in proc.stdout.splitlines()[1:]]
+        assert steps == ORDER, proc.stdout  # correctness, DigitCaps benchmark, training speed, the rest
+        assert "CAPSTRITON_TEST_DEVICE=cuda" in proc.stdout and "--batch-sizes 32 128 512" in proc.stdout
+        assert "--data-dir data/gpu-bundle" in proc.stdout and "R/bench-paper" in proc.stdout
+    quick = subprocess.run(["bash", str(GPU_VERIFY), "--quick", "--dry-run"], capture_output=True, text=True).stdout
+    assert "overall budget: 450 s" in quick and "-m 'not slow'" in quick
+
+
+def test_gpu_verify_time_boxes_and_summary(tmp_path):
+    # a copy of the script in an empty tree, a fake python whose benchmark hangs: the benchmark
+    # step is killed at the budget, the later steps are skipped, the summary is still written
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu_verify.sh"
+    script.write_text(GPU_VERIFY.read_text())
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/bin/bash\ncase "$*" in *bench_digitcaps.py*) sleep 60 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "device_out"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(fake), GPU_VERIFY_MIN_STEP="2", OUT=str(out))
+    proc = subprocess.run(["bash", str(script), "--quick", "--budget", "8", "--results", "res"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in (tmp_path / "res" / "summary.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == ORDER
+    results = {r[0]: r[1] for r in rows}
+    assert results["setup"] == "ok" and results["tests"] == "ok"
+    assert results["bench-paper"] == "TIMEOUT"
+    assert all(results[name] == "skipped (budget)" for name in ORDER[3:])
+    assert int(rows[2][2]) <= 8
+    summary = (tmp_path / "res" / "summary.md").read_text()
+    assert "| 3 | bench-paper | TIMEOUT |" in summary and "overall budget: 8 s" in summary
+    assert (out / "res" / "summary.md").read_text() == summary  # copied to the device tool's $OUT
