@@ -174,3 +174,162 @@ def test_triton_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
         return v * 1.01, s_all, V_all
     monkeypatch.setattr(kernels, "transform_route_fwd", off_by_a_bit)
     assert "v differs" in train.triton_self_check(device)
+
+
+def test_self_check_covers_squash_and_the_training_shapes(monkeypatch):
+    device = torch.device("cpu")
+    model = train.build_model({"arch": "capsnet", "conv_channels": 8, "primary_caps": 2, "iterations": 2,
+                               "detach": False}, "torch")
+    assert train.capsule_shapes(model) == [{"in_caps": 72, "in_dim": 8, "out_caps": 10, "out_dim": 16,
+                                            "iterations": 2}]
+    assert train.triton_self_check(device, in_caps=72, iterations=2, batch=3) is None
+    from capstriton import kernels
+
+    real = kernels.squash_fwd
+    monkeypatch.setattr(kernels, "squash_fwd", lambda x, eps: real(x, eps) * 1.01)
+    assert "squash differs" in train.triton_self_check(device, in_caps=72, iterations=2, batch=3)
+
+
+def test_out_of_range_labels_are_refused_at_load(mnist_dir, tmp_path, monkeypatch):
+    real = train.data.mnist_tensors
+
+    def with_a_bad_label(*args, **kwargs):
+        tensors = real(*args, **kwargs)
+        tensors["train_y"] = tensors["train_y"].clone()
+        tensors["train_y"][5] = 10
+        return tensors
+    monkeypatch.setattr(train.data, "mnist_tensors", with_a_bad_label)
+    with pytest.raises(ValueError, match=r"mnist train labels must lie in \[0, 10\), got values in \[0, 10\]"):
+        train.main(SMALL + ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path)])
+    from capstriton.training import check_labels
+    with pytest.raises(ValueError, match="integer class labels"):
+        check_labels(torch.zeros(3), 10)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 2\] \(1 of 3 out of range\)"):
+        check_labels(torch.tensor([0, -1, 2]), 10)
+    check_labels(torch.tensor([0, 9]), 10)
+
+
+def test_flags_that_need_cuda_or_a_model_are_refused_clearly(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+            train.resolve(train.parse_args(["--device", "cpu", "--cuda-graphs"]))
+    import capstriton as ct
+    monkeypatch.delattr(ct, "EfficientCapsNet", raising=False)
+    cfg = train.resolve(train.parse_args(["--device", "cpu", "--model", "efficient-capsnet"]))
+    assert cfg["model"]["arch"] == "efficient-capsnet" and "conv_channels" not in cfg["model"]
+    with pytest.raises(SystemExit, match="capstriton.EfficientCapsNet is not available"):
+        train.build_model(cfg["model"], "torch")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "efficient-capsnet", "--conv-channels", "8"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--batch-size", "64", "--per-rank-batch-size", "16"])
+
+
+def test_global_and_per_rank_batch():
+    from capstriton.training import Distributed
+    four = Distributed(world_size=4, device=torch.device("cpu"))
+    cfg = train.resolve(train.parse_args(["--per-rank-batch-size", "8"]), four)
+    assert (cfg["batch_size"], cfg["per_rank_batch_size"], cfg["world_size"]) == (32, 8, 4)
+    cfg = train.resolve(train.parse_args(["--batch-size", "128"]), four)
+    assert (cfg["batch_size"], cfg["per_rank_batch_size"]) == (128, 32)
+    with pytest.raises(SystemExit, match="at least one image per process"):
+        train.resolve(train.parse_args(["--batch-size", "3"]), four)
+
+
+def test_progress_without_a_terminal_prints_a_line_every_n_steps(capsys):
+    import io
+
+    from capstriton.training import Progress
+    reads = []
+    progress = Progress(7, "epoch 1/2", log_every=3, stream=io.StringIO())  # not a terminal
+    for done in range(1, 8):
+        progress.update(done, lambda: reads.append(done) or {"loss": 0.5})
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" step ")[1].split()[0] for line in lines] == ["3/7", "6/7", "7/7"]
+    assert reads == [3, 6, 7] and "\r" not in "".join(lines) and "loss 0.5" in lines[0]
+
+
+def test_tensorboard_flag_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from capstriton.training import tensorboard_writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        tensorboard_writer("runs/tb")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter meets the overflow's infs
+def test_amp_fp16_step_feeds_the_capsule_kernels_half_precision():
+    """--amp fp16 on the CPU (the kernels under the interpreter): the capsule layers receive fp16
+    inputs, the loss is scaled, and the gradients are finite and close to the fp32 ones."""
+    import capstriton as ct
+    from capstriton import training
+
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 1, 28, 28, generator=g), torch.tensor([1, 7, 3])
+    grads, seen = {}, []
+    for amp, backend in (("fp16", "triton"), ("off", "torch")):
+        torch.manual_seed(0)
+        model = ct.CapsNet(conv_channels=8, primary_caps=2, backend=backend)
+        model.digit.register_forward_pre_hook(lambda m, args: seen.append((amp, args[0].dtype)))
+        scaler = training.grad_scaler(device, amp)
+        captured = {}
+        model.digit.weight.register_hook(lambda gr: captured.update(raw=gr.detach().clone()))
+        step = train.make_train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), scaler, 0.0005, amp)
+        for _ in range(4):  # lr 0: the same step again while the scaler backs off from an overflow
+            scale = scaler.get_scale() if amp == "fp16" else 1.0
+            loss, correct = step(x, y, 1.0)
+            if amp == "off" or scaler.get_scale() == scale:
+                break
+        assert torch.isfinite(loss) and 0 <= int(correct) <= 3
+        grads[amp] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        if amp == "fp16":
+            assert scaler.get_scale() == scale < 65536.0, "no finite step, or no back-off from an overflow"
+            raw = captured["raw"].float()  # the scaled gradient that reached W
+            torch.testing.assert_close(raw / scale, model.digit.weight.grad.float())
+    assert set(seen) == {("fp16", torch.float16), ("off", torch.float32)}
+    for name, ref in grads["off"].items():
+        got = grads["fp16"][name]
+        assert torch.isfinite(got).all(), name
+        err = float((got.float() - ref).abs().max() / ref.abs().max())
+        assert err < 0.05, f"{name}: fp16 gradient differs from fp32 by {err:.3f}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (CAPSTRITON_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_cuda_graph_step_matches_the_eager_step(amp):
+    """Steps replayed from one CUDA graph (forward, losses, backward, fused Adam) follow the
+    same trajectory as the same steps run eagerly."""
+    import capstriton as ct
+    from capstriton import training
+
+    device = torch.device("cuda")
+    cfg = {"cuda_graphs": True, "lr": 1e-3}
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.rand(16, 1, 28, 28, device=device, generator=g),
+                torch.randint(0, 10, (16,), device=device, generator=g)) for _ in range(6)]
+    batches.append((batches[0][0][:5], batches[0][1][:5]))  # another shape: runs eagerly
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = ct.CapsNet(conv_channels=32, primary_caps=4).to(device)
+        optimizer = train.make_optimizer(model, cfg, device)
+        step = train.make_train_step(model, optimizer, training.grad_scaler(device, amp), 0.0005, amp,
+                                     graphs=graphs)
+        runner = training.CudaGraphStep(lambda a, b: step(a, b, 1.0), warmup=2) if graphs else \
+            (lambda a, b: step(a, b, 1.0))
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            train.set_lr(optimizer, 1e-3 * 0.9 ** i)
+            loss, _ = runner(x, y)
+            losses.append(loss.clone())
+        if graphs:
+            assert runner.graph is not None
+        results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_params), (graph_losses, graph_params) = results
+    tol = {"off": 1e-4, "bf16": 2e-2}[amp]
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=tol, atol=tol)
+    for a, b in zip(graph_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
