@@ -164,7 +164,8 @@ def test_time_budget_stops_training_and_still_evaluates(mnist_dir, tmp_path, cap
 
 def test_triton_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
     device = torch.device("cpu")  # kernels run under the interpreter in the suite
-    assert train.triton_self_check(device) is None
+    small = {"in_caps": 16, "batch": 2}
+    assert train.triton_self_check(device, **small) is None
     from capstriton import kernels
 
     real = kernels.transform_route_fwd
@@ -173,7 +174,7 @@ def test_triton_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
         v, s_all, V_all = real(u, W, iterations)
         return v * 1.01, s_all, V_all
     monkeypatch.setattr(kernels, "transform_route_fwd", off_by_a_bit)
-    assert "v differs" in train.triton_self_check(device)
+    assert "v differs" in train.triton_self_check(device, **small)
 
 
 def test_self_check_covers_squash_and_the_training_shapes(monkeypatch):
