@@ -12,6 +12,28 @@ import triton
 from capstriton import tune
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test, and every CLI subprocess it starts (they inherit the environment), reads and
+    writes tuned configs under its own temporary directory, never the user's ~/.cache; the
+    once-per-process loading flag is restored afterwards."""
+    cache = tmp_path / "capstriton-cache"
+    monkeypatch.setenv("CAPSTRITON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(tune, "_LOADED", tune._LOADED)
+    return cache
+
+
+def test_cache_dir_is_isolated_and_configurable(isolated_cache, tmp_path, monkeypatch):
+    assert tune.cache_dir() == isolated_cache / "autotune"
+    assert tune.tuned_configs_path("Some GPU") == isolated_cache / "autotune" / "some-gpu.json"
+    monkeypatch.delenv("CAPSTRITON_CACHE_DIR")
+    assert tune.cache_dir() == tmp_path / "xdg-cache" / "capstriton" / "autotune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tune.cache_dir() == tmp_path / "home" / ".cache" / "capstriton" / "autotune"
+
+
 def _cli_env():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CAPSTRITON_SINGLE_CONFIG")}
     return env
@@ -23,7 +45,7 @@ def _cfg(bb, warps=4):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_cli_without_gpu_fails_clearly(tmp_path):
-    env = dict(_cli_env(), CAPSTRITON_CACHE_DIR=str(tmp_path))
+    env = _cli_env()
     proc = subprocess.run([sys.executable, "-m", "capstriton.tune", "--batch-sizes", "4"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -32,11 +54,12 @@ def test_cli_without_gpu_fails_clearly(tmp_path):
 
 
 def test_cli_dry_run_prints_plan(tmp_path):
-    env = dict(_cli_env(), CAPSTRITON_CACHE_DIR=str(tmp_path))
+    env = _cli_env()
     proc = subprocess.run([sys.executable, "-m", "capstriton.tune", "--dry-run", "--in-caps", "32",
                            "--batch-sizes", "8", "16"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "I=32" in proc.stdout and "[8, 16]" in proc.stdout
+    assert str(tmp_path / "capstriton-cache" / "autotune") in proc.stdout  # the subprocess sees the isolated cache
     for name in tune.find_autotuners():
         assert name in proc.stdout
     assert not any(tmp_path.rglob("*.json"))
@@ -129,9 +152,9 @@ def test_save_and_load_roundtrip(tmp_path):
     assert tune.load_tuned_configs(path, autotuners={"k_kernel": [fresh]}) == 0
 
 
-def test_load_missing_file_and_interpreter_noop(tmp_path):
+def test_load_missing_file_and_interpreter_noop(tmp_path, monkeypatch):
     assert tune.load_tuned_configs(tmp_path / "absent.json", autotuners={}) == 0
-    tune._LOADED = False
+    monkeypatch.setattr(tune, "_LOADED", False)
     assert tune.ensure_tuned_configs_loaded() == 0  # the suite runs under TRITON_INTERPRET=1
     assert tune.ensure_tuned_configs_loaded() == 0
 
