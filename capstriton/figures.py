@@ -29,6 +29,10 @@ def _save(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def _longest_line(labels: Sequence[str]) -> int:
+    return max((len(line) for label in labels for line in label.split("\n")), default=0)
+
+
 def _tile(rows: Sequence[torch.Tensor], pad: int = 2) -> torch.Tensor:
     """Rows of (n, H, W) grey or (n, H, W, 3) RGB images in [0, 1] -> one (h, w, 3) mosaic on a grey ground."""
     n_cols = max(r.shape[0] for r in rows)
@@ -53,7 +57,7 @@ def _grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str] | None, col_la
     fig, ax = plt.subplots(figsize=(cell * n_cols + 1.2, cell * n_rows + 0.8))
     ax.imshow(_tile(rows, pad).numpy(), interpolation="nearest")
     ax.set_xticks([pad + j * (W + pad) + W / 2 for j in range(len(col_labels))] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], fontsize=7, rotation=45 if col_labels and max(map(len, col_labels)) > 6 else 0)
+    ax.set_xticklabels(col_labels or [], fontsize=7, rotation=45 if col_labels and _longest_line(col_labels) > 8 else 0)
     ax.xaxis.tick_top()
     ax.set_yticks([pad + i * (H + pad) + H / 2 for i in range(n_rows)] if row_labels else [])
     ax.set_yticklabels(row_labels or [], fontsize=7)

@@ -95,7 +95,7 @@ def write_figures(model, out: Path, images, labels, lengths, capsules, pred, dev
     facts["most_confident_errors"] = [{"index": int(i), "true": int(labels[i]), "predicted": int(pred[i]),
                                        "length": round(float(conf[i]), 4)} for i in worst]
     if worst.numel():
-        tags = [f"{int(labels[i])}->{int(pred[i])} {float(conf[i]):.2f}" for i in worst]
+        tags = [f"{int(labels[i])}->{int(pred[i])}\n{float(conf[i]):.2f}" for i in worst]
         figures.save_image_rows(out / "most_confident_errors.png", input_recon_rows(model, images, worst, device),
                                 ["input", "reconstruction"], tags,
                                 "most confidently misclassified (true->predicted, capsule length)")

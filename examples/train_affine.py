@@ -56,7 +56,7 @@ FULL = {"conv_channels": 256, "primary_caps": 32, "cnn_channels": (256, 256, 128
 # CPU demo: narrowed models, a time budget per model, 1,000 validation digits, the first 2,000
 # test digits (2 transformations each for the affine test).
 DEMO = {"conv_channels": 64, "primary_caps": 4, "cnn_channels": (32, 64, 32), "per_digit": 2,
-        "max_steps": 100_000, "eval_every": 100, "patience": 4, "time_budget": 240.0, "val_size": 1000,
+        "max_steps": 100_000, "eval_every": 50, "patience": 4, "time_budget": 300.0, "val_size": 1000,
         "test_digits": 2000}
 
 
@@ -68,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam; decayed x0.96 every 2000 steps")
     p.add_argument("--max-steps", type=int, default=None, help="per model (default: full 200000, demo 100000)")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="validation every N steps (default: every epoch at full size, 100 in the demo)")
+                   help="validation every N steps (default: every epoch at full size, 50 in the demo)")
     p.add_argument("--patience", type=int, default=None, help="evaluations without gain before stopping")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds of training per model (demo: 240)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of training per model (demo: 300)")
     p.add_argument("--val-size", type=int, default=None,
                    help="training digits held out for early stopping (full: 5000, demo: 1000)")
     p.add_argument("--per-digit", type=int, default=None, help="affine transformations per test digit (full: 32)")

@@ -123,7 +123,7 @@ def save_overlays(model, path: Path, test: dict, pred: torch.Tensor, capsules: t
     v = capsules[idx].to(device)
     first = decode_capsule(model, v, pred[idx, 0].to(device)).float().cpu().view(-1, side, side)
     second = decode_capsule(model, v, pred[idx, 1].to(device)).float().cpu().view(-1, side, side)
-    tags = [f"L:{tuple(test['labels'][i].tolist())} R:{tuple(pred[i].tolist())}" for i in idx]
+    tags = ["L {},{}\nR {},{}".format(*test["labels"][i].tolist(), *pred[i].tolist()) for i in idx]
     figures.save_pair_overlays(path, test["x"][idx] / 255.0, first, second, tags, title)
 
 
