@@ -92,14 +92,20 @@ CARD=${CARD:-no-gpu}
 SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')
 RESULTS=${RESULTS:-docs/gpu/$SLUG-$(date -u +%Y-%m-%d)}
 
+pick() {  # pick PLAN_ENTRY: sets name, box and cmd for this mode
+    local qbox fbox qcmd fcmd
+    IFS='|' read -r name qbox fbox qcmd fcmd <<< "$1"
+    if [ "$MODE" = quick ]; then box=$qbox cmd=$qcmd; else box=$fbox cmd=$fcmd; fi
+    cmd=${cmd//@R/$RESULTS}
+}
+
 if [ "$DRY" = 1 ]; then
     echo "gpu_verify ($MODE): results in $RESULTS; overall budget: ${BUDGET:-none} s; steps in order:"
     n=0
     for entry in "${PLAN[@]}"; do
-        IFS='|' read -r name qbox fbox qcmd fcmd <<< "$entry"
+        pick "$entry"
         n=$((n + 1))
-        if [ "$MODE" = quick ]; then box=$qbox cmd=$qcmd; else box=$fbox cmd=$fcmd; fi
-        printf '%d. %-14s box %5s s  %s\n' "$n" "$name" "$box" "${cmd//@R/$RESULTS}"
+        printf '%d. %-14s box %5s s  %s\n' "$n" "$name" "$box" "$cmd"
     done
     exit 0
 fi
@@ -144,10 +150,8 @@ cat "$RESULTS/environment.txt"
 
 n=0
 for entry in "${PLAN[@]}"; do
-    IFS='|' read -r name qbox fbox qcmd fcmd <<< "$entry"
+    pick "$entry"
     n=$((n + 1))
-    if [ "$MODE" = quick ]; then box=$qbox cmd=$qcmd; else box=$fbox cmd=$fcmd; fi
-    cmd=${cmd//@R/$RESULTS}
     log=$(printf '%02d-%s.log' "$n" "$name")
     if [ -n "$BUDGET" ]; then
         left=$((BUDGET - (SECONDS - START)))
