@@ -277,7 +277,8 @@ class _NoLaunchDriver:
         self.launcher_cls = Launcher
 
     def get_current_device(self):
-        return 0
+        return "no-launch"  # its own key in every JITFunction's per-device kernel cache: a real
+        # device's cache never receives the dummy kernels
 
     def get_current_stream(self, device=None):
         return 0
