@@ -297,7 +297,8 @@ def stubbed_triton_launches(level: str = "driver"):
     its per-launch host cost is included.  level "jit": JITFunction.run (and the interpreter's
     run) return at once, so only the caller's host work is measured.  Everything before the
     launch (Python, dispatch, autograd, allocation, grids, autotuner key and pruning) runs in
-    both.  Autotuners that would benchmark get zero timings (and skip triton's disk cache)."""
+    both.  Autotuners that would benchmark get zero timings (and skip triton's disk cache), so the
+    keys tuned inside the block keep their first config afterwards: measure in its own process."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner
