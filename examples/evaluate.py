@@ -131,10 +131,11 @@ def write_figures(model, out: Path, images, labels, lengths, capsules, pred, dev
 
 
 def markdown(summary: dict) -> str:
+    side = summary["model"]["image_size"]
+    centred = f" (centred on {side}x{side})" if summary["centred"] else ""
     lines = [f"# Evaluation of `{summary['checkpoint']}`", "",
              f"CapsNet {summary['model']} ({summary['parameters']:,} parameters), {summary['dataset']}, "
-             f"{summary['test_images']} test images{' (centred on ' + str(summary['model']['image_size']) + 'x' + str(summary['model']['image_size']) + ')' if summary['centred'] else ''}, "
-             f"device {summary['device']}.", "",
+             f"{summary['test_images']} test images{centred}, device {summary['device']}.", "",
              f"**Test error: {100 * summary['test_error']:.2f}%** ({summary['misclassified']} misclassified; "
              f"accuracy {100 * summary['accuracy']:.2f}%).", "",
              "| class | " + " | ".join(str(k) for k in range(len(summary["per_class_accuracy"]))) + " |",
