@@ -2,9 +2,10 @@
 downloadable here).
 
 affNIST (Tieleman, 2013) puts each MNIST digit on a 40x40 canvas under random affine
-transformations, 32 per digit; its page gives the ranges the parameters are drawn from:
-rotation within +-20 degrees, shear within +-0.2, horizontal and vertical scale each within
-[0.8, 1.2], and a translation that keeps the whole digit inside the 40x40 canvas.  This
+transformations, 32 per digit.  The ranges used here are those its page describes: rotation
+within +-20 degrees, shear within +-0.2, horizontal and vertical scale each within [0.8, 1.2],
+and a translation that keeps the whole digit inside the 40x40 canvas (the README says what
+of this was checked against the page).  This
 module draws every parameter uniformly from those ranges with a CPU ``torch.Generator``
 seeded with ``seed`` (default ``AFFINE_SEED``), so every machine builds the same images.
 
