@@ -323,13 +323,13 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- tensorboard
-def tensorboard_writer(log_dir: str | os.PathLike):
-    """``torch.utils.tensorboard.SummaryWriter(log_dir)``; SystemExit with the install command
-    when tensorboard is not installed."""
+def tensorboard_writer(log_dir: str | os.PathLike | None):
+    """``torch.utils.tensorboard.SummaryWriter(log_dir)`` (None: only check that it can be made);
+    SystemExit with the install command when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: "
                          f"{sys.executable} -m pip install tensorboard") from None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir)) if log_dir is not None else None
 

@@ -427,8 +427,8 @@ def load_data(args, dist, log) -> dict:
             "test": (tensors["test_x"], tensors["test_y"], args.test_subset)}
     out = {}
     for name, (x, y, subset) in sets.items():
+        training.check_labels(y, NUM_CLASSES, f"{args.dataset} {name} labels")  # the whole set, once
         x, y = (x[:subset], y[:subset]) if subset else (x, y)
-        training.check_labels(y, NUM_CLASSES, f"{args.dataset} {name} labels")
         out[f"{name}_x"], out[f"{name}_y"] = x.to(dist.device), y.to(dist.device)
     return out
 
@@ -452,7 +452,8 @@ class Run:
             self.steps_per_epoch -= 1  # a last batch smaller than the number of ranks is dropped
         self.total_steps = self.steps_per_epoch * cfg["epochs"]
         self.step, self.history, self.prior_seconds, self.resume_point = 0, [], 0.0, None
-        self.tb = training.tensorboard_writer(args.tensorboard) if args.tensorboard and dist.is_main else None
+        # every rank checks that tensorboard is installed; rank 0 alone writes
+        self.tb = training.tensorboard_writer(args.tensorboard if dist.is_main else None) if args.tensorboard else None
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, epoch_done: int, partial: dict | None = None) -> None:
