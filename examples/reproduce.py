@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
               "command": " ".join(["python examples/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
               "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
               "summary": summarize(runs), "runs": runs}
-    card = "".join(c if c.isalnum() else "-" for c in info["card"].split(",")[0]).strip("-").lower()
+    card = re.sub(r"[^a-z0-9]+", "-", info["card"].split(",")[0].lower()).strip("-")
     tag = args.tag or f"{config['mode']}-{card}-{date:%Y%m%d}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
