@@ -420,9 +420,12 @@ def format_summary(rows: list[dict]) -> str:
             for r in rows if r["default"] and r["ok"]]
     lines = [_render(head, body)] if body else ["no compiled case is marked default"]
     marked = {r["name"] for r in rows if r["default"]}
-    unmarked = sorted({r["name"] for r in rows} - marked)
+    unmarked = {}  # "routing_pass[fp32,...]" -> routing_pass: number of names
+    for name in {r["name"] for r in rows} - marked:
+        base = name.split("[", 1)[0]
+        unmarked[base] = unmarked.get(base, 0) + 1
     if unmarked:
-        lines.append(f"no default case: {', '.join(unmarked)}")
+        lines.append("no default case: " + ", ".join(f"{k} ({n})" if n > 1 else k for k, n in sorted(unmarked.items())))
     return "\n".join(lines)
 
 
