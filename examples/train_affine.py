@@ -220,7 +220,8 @@ def prepare_data(args, cfg: dict, device) -> dict:
         mnist = mnist_tensors(args.data_dir or default_data_dir(), download=not args.no_download)
     except DataUnavailableError as e:
         raise SystemExit(str(e)) from None
-    split = torch.randperm(mnist["train_x"].shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+    split = torch.randperm(mnist["train_x"].shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED),
+                           device="cpu")
     val_idx, train_idx = split[:cfg["val_size"]], split[cfg["val_size"]:]
     if args.train_subset:
         train_idx = train_idx[:args.train_subset]

@@ -8,6 +8,12 @@ from capstriton import data as D
 from capstriton.data import affine as A
 
 
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """These tests build their data on the CPU, as the scripts do, even in the CUDA suite."""
+    torch.set_default_device(None)
+
+
 def _digits(n=64, seed=0):
     """Random 28x28 uint8 'digits' with ink in a random box (never blank) and labels 0..9."""
     g = torch.Generator().manual_seed(seed)

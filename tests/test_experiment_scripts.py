@@ -13,6 +13,12 @@ from capstriton.checkpoint import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """These tests build their data on the CPU, as the scripts do, even in the CUDA suite."""
+    torch.set_default_device(None)
+
+
 def _script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -11,6 +11,12 @@ from capstriton.experiments import EarlyStopping, paper_lr
 from capstriton.multimnist import multi_hot, multimnist_loss, pair_errors, top2
 
 
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """These tests build their data on the CPU, as the scripts do, even in the CUDA suite."""
+    torch.set_default_device(None)
+
+
 def _tiny(image_size=28, **kw):
     return ct.CapsNet(image_size=image_size, conv_channels=4, primary_caps=2, iterations=2, backend="torch", **kw)
 

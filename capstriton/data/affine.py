@@ -32,7 +32,7 @@ AFFNIST_CANVAS = 40
 def sample_affine_params(n: int, generator: torch.Generator, ranges: dict = AFFNIST_RANGES) -> dict:
     """n independent draws of rotation/shear/scales, uniform in ``ranges``, plus ``u_x, u_y``
     in [0, 1) that place the digit within its allowed translation range (float64, CPU)."""
-    u = torch.rand(n, len(ranges) + 2, generator=generator, dtype=torch.float64)
+    u = torch.rand(n, len(ranges) + 2, generator=generator, dtype=torch.float64, device=generator.device)
     params = {name: lo + (hi - lo) * u[:, i] for i, (name, (lo, hi)) in enumerate(ranges.items())}
     params["u_x"], params["u_y"] = u[:, -2], u[:, -1]
     return params
@@ -85,10 +85,10 @@ def affine_transform(images: torch.Tensor, params: dict, canvas: int = AFFNIST_C
     u = torch.stack([params["u_x"], params["u_y"]], 1)
     centre = torch.where(fits, lo + u * (hi - lo), torch.full_like(lo, (canvas - 1) / 2))
     # output pixel q -> source point A^-1 (q - centre) + src_centre, in grid_sample's [-1, 1]
-    coords = torch.arange(canvas, dtype=torch.float64)
+    coords = torch.arange(canvas, dtype=torch.float64, device=images.device)
     q = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), -1).view(1, -1, 2)  # (1, P, 2) as (x, y)
     src = (q - centre[:, None]) @ torch.linalg.inv(A).transpose(1, 2) + src_centre[:, None]
-    size = torch.tensor([w - 1, h - 1], dtype=torch.float64)
+    size = torch.tensor([w - 1, h - 1], dtype=torch.float64, device=images.device)
     grid = (src * (2.0 / size) - 1.0).view(n, canvas, canvas, 2).float()
     warped = F.grid_sample(images.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=True)
@@ -120,5 +120,5 @@ def affine_test_set(images: torch.Tensor, labels: torch.Tensor, per_digit: int =
             xs.append(x)
             params.append({**{k: v for k, v in part.items() if not k.startswith("u_")}, "centre": centre})
     merged = {k: torch.cat([p[k] for p in params]) for k in params[0]}
-    return {"x": torch.cat(xs), "y": labels.repeat(per_digit), "source": torch.arange(n).repeat(per_digit),
+    return {"x": torch.cat(xs), "y": labels.repeat(per_digit), "source": torch.arange(n, device="cpu").repeat(per_digit),
             **merged}
