@@ -98,3 +98,15 @@ def test_train_multimnist_tiny_run(mnist_root, tmp_path):
     for f in ("checkpoint.pt", "metrics.csv", "summary.json", "results.md", "multimnist_reconstructions.png"):
         assert (out / f).is_file(), f
     assert load_checkpoint(out / "checkpoint.pt")["args"]["model"]["image_size"] == 36
+
+
+def test_evaluate_reads_a_train_mnist_checkpoint(mnist_root, tmp_path):
+    run = tmp_path / "mnist"
+    _script("train_mnist").main(["--epochs", "1", "--train-subset", "128", "--test-subset", "50", "--conv-channels",
+                                 "8", "--primary-caps", "2", "--iterations", "2", "--backend", "torch", "--out-dir",
+                                 str(run), "--data-dir", str(mnist_root), "--no-download", "--no-progress"])
+    summary = _script("evaluate").main([str(run / "checkpoint.pt"), "--data-dir", str(mnist_root), "--no-download",
+                                        "--test-subset", "60", "--examples", "2", "--perturbed", "1",
+                                        "--backend", "torch"])
+    assert summary["model"]["conv_channels"] == 8 and summary["model"]["iterations"] == 2
+    assert summary["training_mode"] == "cpu-demo" and (run / "report" / "summary.json").is_file()
