@@ -56,7 +56,7 @@ import triton.language as tl
 from ._capsule_tiles import (dot_d, expand, lanes_per_sample, last_to_arrive, prediction_tile, softmax_j,
                              softmax_j_grad, sum_chunk_partials, tile_dims, tile_offsets)
 from ._common import (autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, cdiv, empty,
-                      interpreter_enabled, next_pow2, on_device)
+                      interpreter_enabled, launch, next_pow2, on_device)
 from ._common import use_tuned_configs
 from .partials import MAX_GROUPS, sum_partials
 from .squash import _squash_scale
@@ -130,24 +130,31 @@ def _squash_tile(s, eps):
     return expand(f), expand(df)
 
 
+@triton.jit
+def _at(t, stride):
+    """Offset of entry t of an (r, B, J, D) statistics tensor, in int64."""
+    return (t + tl.zeros((), tl.int64)) * stride
+
+
 @triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
-                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_restore("out_ptr"))
+                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_restore("gs_all_ptr"))
 @triton.jit
 def routing_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
     W_ptr,            # (I, DIN, J, D) transform matrices, kernel layout (FUSED) - else unused
     uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED) - else unused
-    P_ptr,            # (B, J, D) fp32: P^t, the sum of earlier outputs (logits u_hat . P^t); unused if FIRST
-    gs_ptr,           # (B, J, D) fp32: gs^t (BACKWARD)
+    P_all_ptr,        # (r-1, B, J, D) fp32: P^1 .. P^{r-1}; reads P^t (logits u_hat . P^t) unless FIRST,
+                      #   forward writes P^{t+1} unless LAST
+    gs_all_ptr,       # (r, B, J, D) fp32, BACKWARD: reads gs^t; its finisher reads G^t from the slot of
+                      #   gs^{t-1} (ACCUMULATE), writes gs^{t-1} there and G^{t-1} to the slot of gs^{t-2} (HAS_NEXT)
     part_ptr,         # (n_chunks, B, J, D) fp32 scratch: chunk partial sums (n_chunks > 1)
     count_ptr,        # (>= batch blocks,) int32 arrival counters, 0 on entry and on exit (n_chunks > 1)
-    s_ptr,            # (B, J, D) fp32: forward: s^t (written); BACKWARD: s^{t-1} (read)
-    out_ptr,          # forward: P^{t+1} (fp32) or, LAST, v (input dtype); BACKWARD: gs^{t-1} (fp32),
-                      #   which holds G^t on entry when ACCUMULATE
-    next_ptr,         # BACKWARD and HAS_NEXT: the slot of gs^{t-2}; receives G^{t-1} for the next pass
+    s_all_ptr,        # (r, B, J, D) fp32: forward writes s^t; BACKWARD reads s^{t-1}
+    v_ptr,            # (B, J, D) out, input dtype: v = squash(s^{r-1}) (forward, LAST)
     B, I,             # batch, input capsules
     caps_per_chunk,   # input capsules per program along grid axis 1
     n_chunks,         # programs along grid axis 1
+    t,                # iteration (0-based): forward t, or BACKWARD the pass for t -> t-1
     eps,              # squash epsilon
     B_BUCKET,         # autotune key: batch rounded up to a power of two
     J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
@@ -155,8 +162,8 @@ def routing_pass_kernel(
     FUSED: tl.constexpr,
     FIRST: tl.constexpr,       # forward t = 0: uniform coupling, P^0 = 0
     LAST: tl.constexpr,        # forward t = r-1: write v instead of P^{t+1}
-    ACCUMULATE: tl.constexpr,  # BACKWARD: G^t is nonzero (t < r-1) and waits in out_ptr
-    HAS_NEXT: tl.constexpr,    # BACKWARD: another reduction pass follows; store G^{t-1} to next_ptr
+    ACCUMULATE: tl.constexpr,  # BACKWARD: G^t is nonzero (t < r-1)
+    HAS_NEXT: tl.constexpr,    # BACKWARD: another reduction pass follows (t >= 2)
     BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -164,11 +171,12 @@ def routing_pass_kernel(
     b_offs = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b_offs < B
     jd, jd_mask, bjd, mask, zero_b = tile_offsets(b_offs, B, J, D, BJ, BDH, BDL)
+    stride = B * (J * D)
 
     if not FIRST:
-        P = tl.load(P_ptr + bjd, mask=mask, other=0.0)
+        P = tl.load(P_all_ptr + _at(t - 1, stride) + bjd, mask=mask, other=0.0)
     if BACKWARD:
-        gs = tl.load(gs_ptr + bjd, mask=mask, other=0.0)
+        gs = tl.load(gs_all_ptr + _at(t, stride) + bjd, mask=mask, other=0.0)
     acc = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
     i_start = chunk * caps_per_chunk
     i_end = tl.minimum(i_start + caps_per_chunk, I)
@@ -186,29 +194,30 @@ def routing_pass_kernel(
 
     finish = n_chunks <= 1
     if n_chunks > 1:  # the last program of this batch block to arrive adds the partials in chunk order
-        tl.store(part_ptr + chunk * (B * J * D) + bjd, acc, mask=mask)
+        tl.store(part_ptr + chunk * stride + bjd, acc, mask=mask)
         finish = last_to_arrive(count_ptr + pid_b, n_chunks)
         if finish:
-            acc = sum_chunk_partials(part_ptr, n_chunks, B * J * D, bjd, mask)
+            acc = sum_chunk_partials(part_ptr, n_chunks, stride, bjd, mask)
     if finish:
         if BACKWARD:  # acc = sum_i gb^t u_hat: G^{t-1} = G^t + acc, gs^{t-1} = squash'(s^{t-1})^T G^{t-1}
+            out = gs_all_ptr + _at(t - 1, stride) + bjd
             if ACCUMULATE:
-                acc += tl.load(out_ptr + bjd, mask=mask, other=0.0)
+                acc += tl.load(out, mask=mask, other=0.0)
             if HAS_NEXT:
-                tl.store(next_ptr + bjd, acc, mask=mask)
-            s = tl.load(s_ptr + bjd, mask=mask, other=0.0)
+                tl.store(gs_all_ptr + _at(t - 2, stride) + bjd, acc, mask=mask)
+            s = tl.load(s_all_ptr + _at(t - 1, stride) + bjd, mask=mask, other=0.0)
             f, df = _squash_tile(s, eps)
-            tl.store(out_ptr + bjd, f * acc + 2.0 * df * expand(dot_d(s, acc)) * s, mask=mask)
+            tl.store(out, f * acc + 2.0 * df * expand(dot_d(s, acc)) * s, mask=mask)
         else:  # acc = s^t: v^t = squash(s^t), P^{t+1} = P^t + v^t
-            tl.store(s_ptr + bjd, acc, mask=mask)
+            tl.store(s_all_ptr + _at(t, stride) + bjd, acc, mask=mask)
             f, _ = _squash_tile(acc, eps)
             v = f * acc
             if LAST:
-                tl.store(out_ptr + bjd, v.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(v_ptr + bjd, v.to(v_ptr.dtype.element_ty), mask=mask)
             else:
                 if not FIRST:
                     v += P
-                tl.store(out_ptr + bjd, v, mask=mask)
+                tl.store(P_all_ptr + _at(t, stride) + bjd, v, mask=mask)
 
 
 INIT_WARPS = 4
@@ -216,19 +225,22 @@ INIT_WARPS = 4
 
 @triton.jit
 def routing_bwd_init_kernel(
-    s_ptr,            # (B, J, D) fp32: s^{r-1}
+    s_all_ptr,        # (r, B, J, D) fp32: reads s^t
     grad_v_ptr,       # (B, J, D) dL/dv, any float dtype
-    gs_ptr,           # (B, J, D) fp32 out: gs^{r-1} = squash'(s^{r-1})^T dL/dv
-    B, eps,
+    gs_all_ptr,       # (r, B, J, D) fp32: writes gs^t = squash'(s^t)^T dL/dv
+    B,
+    t,                # r - 1
+    eps,
     J: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
 ):
     b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     _, _, bjd, mask, _ = tile_offsets(b_offs, B, J, D, BJ, BDH, BDL)
-    s = tl.load(s_ptr + bjd, mask=mask, other=0.0)
+    at = _at(t, B * (J * D))
+    s = tl.load(s_all_ptr + at + bjd, mask=mask, other=0.0)
     g = tl.load(grad_v_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
     f, df = _squash_tile(s, eps)
-    tl.store(gs_ptr + bjd, f * g + 2.0 * df * expand(dot_d(s, g)) * s, mask=mask)
+    tl.store(gs_all_ptr + at + bjd, f * g + 2.0 * df * expand(dot_d(s, g)) * s, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +383,7 @@ class Plan(NamedTuple):
     grad_caps: int
     n_groups: int         # batch groups of the fused weight gradient
     budget: int           # scratch bound in elements: max(B*I*J*D/4, I*J*D*Din)
+    key: tuple            # the autotune key's shape part: (B bucket, I, J, D, DIN)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -399,7 +412,8 @@ def plan(B: int, I: int, J: int, D: int, DIN: int, target: int) -> Plan:
     if n_groups > 1:  # fewer capsule chunks when the groups already fill the GPU
         grad_chunks = max(1, min(I, cdiv(target, n_groups)))
     grad_caps = cdiv(I, grad_chunks)
-    return Plan(dims, n_chunks, caps, count_len, cdiv(I, grad_caps), grad_caps, n_groups, budget)
+    return Plan(dims, n_chunks, caps, count_len, cdiv(I, grad_caps), grad_caps, n_groups, budget,
+                (batch_bucket(B), I, J, D, DIN))
 
 
 def _pass_grid(B: int, n_chunks: int):
@@ -427,13 +441,13 @@ def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
     P_all = empty(iterations - 1, B, J, D, dtype=f32, device=dev)
     v = empty(B, J, D, dtype=src.dtype, device=dev)
     grid = _pass_grid(B, p.n_chunks)
-    ins = (u, W, src) if fused else (src, src, u_hat)
+    args = ((u, W, src) if fused else (src, src, u_hat)) + (P_all if iterations > 1 else src, src, part, count,
+                                                            s_all, v, B, I, p.caps_per_chunk, p.n_chunks)
+    key = (routing_pass_kernel, dev, src.dtype, p.key, fused, False)
     for t in range(iterations):
-        last = t == iterations - 1
-        routing_pass_kernel[grid](
-            *ins, P_all[t - 1] if t else src, src, part, count, s_all[t], v if last else P_all[t], src,
-            B, I, p.caps_per_chunk, p.n_chunks, ROUTING_EPS, batch_bucket(B), J=J, D=D, DIN=DIN,
-            BACKWARD=False, FUSED=fused, FIRST=t == 0, LAST=last, ACCUMULATE=False, HAS_NEXT=False, **p.dims)
+        launch(routing_pass_kernel, grid, key, *args, t, ROUTING_EPS, batch_bucket(B), J=J, D=D, DIN=DIN,
+               BACKWARD=False, FUSED=fused, FIRST=t == 0, LAST=t == iterations - 1, ACCUMULATE=False, HAS_NEXT=False,
+               **p.dims)
     return v, s_all, P_all
 
 
@@ -445,19 +459,19 @@ def _backward_stats(ins, src, s_all, P_all, grad_v, iterations: int, detach: boo
     gs_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
     init_block = lanes_per_sample(p.dims["BJ"]) * INIT_WARPS
     routing_bwd_init_kernel[(cdiv(B, init_block),)](
-        s_all[iterations - 1], grad_v, gs_all[iterations - 1], B, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block,
-        num_warps=INIT_WARPS, **p.dims)
+        s_all, grad_v, gs_all, B, iterations - 1, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block, num_warps=INIT_WARPS,
+        **p.dims)
     if detach or iterations == 1:
         return gs_all
     part = empty(p.n_chunks, B, J, D, dtype=torch.float32, device=dev) if p.n_chunks > 1 else src
     count = torch.zeros(p.count_len, dtype=torch.int32, device=dev) if p.n_chunks > 1 else src
     grid = _pass_grid(B, p.n_chunks)
+    args = ins + (P_all, gs_all, part, count, s_all, src, B, I, p.caps_per_chunk, p.n_chunks)
+    key = (routing_pass_kernel, dev, src.dtype, p.key, fused, True)
     for t in range(iterations - 1, 0, -1):  # sum_i gb^t u_hat -> G^{t-1}, gs^{t-1}
-        routing_pass_kernel[grid](
-            *ins, P_all[t - 1], gs_all[t], part, count, s_all[t - 1], gs_all[t - 1],
-            gs_all[t - 2] if t >= 2 else src, B, I, p.caps_per_chunk, p.n_chunks, ROUTING_EPS, batch_bucket(B),
-            J=J, D=D, DIN=DIN, BACKWARD=True, FUSED=fused, FIRST=False, LAST=False,
-            ACCUMULATE=t < iterations - 1, HAS_NEXT=t >= 2, **p.dims)
+        launch(routing_pass_kernel, grid, key, *args, t, ROUTING_EPS, batch_bucket(B), J=J, D=D, DIN=DIN,
+               BACKWARD=True, FUSED=fused, FIRST=False, LAST=False, ACCUMULATE=t < iterations - 1, HAS_NEXT=t >= 2,
+               **p.dims)
     return gs_all
 
 
@@ -477,9 +491,10 @@ def dynamic_routing_bwd(u_hat, s_all, P_all, grad_v, iterations: int, detach: bo
         gs_all = _backward_stats((u_hat, u_hat, u_hat), u_hat, s_all, P_all, grad_v, iterations, detach, False, p,
                                  sizes)
         grad_uhat = empty(B, I, J, D, dtype=u_hat.dtype, device=u_hat.device)
-        routing_grad_kernel[_pass_grid(B, p.n_chunks)](
-            u_hat, P_all, gs_all, grad_uhat, B, I, iterations, p.caps_per_chunk, batch_bucket(B), J=J, D=D,
-            DETACH=detach, **p.dims)
+        launch(routing_grad_kernel, _pass_grid(B, p.n_chunks), (routing_grad_kernel, u_hat.device, u_hat.dtype, p.key,
+                                                                 iterations, detach),
+               u_hat, P_all, gs_all, grad_uhat, B, I, iterations, p.caps_per_chunk, batch_bucket(B), J=J, D=D,
+               DETACH=detach, **p.dims)
         return grad_uhat
 
 
@@ -504,9 +519,11 @@ def transform_route_bwd(u, W, s_all, P_all, grad_v, iterations: int, detach: boo
         direct = n_groups == 1
         grad_W = empty(n_groups, I, DIN, J, D, dtype=W.dtype if direct else torch.float32, device=dev) \
             if need_W else W
-        routing_grad_fused_kernel[(p.grad_chunks, n_groups)](
-            u, W, P_all, gs_all, grad_u, grad_W, B, I, iterations, p.grad_caps, n_groups, batch_bucket(B),
-            J=J, D=D, DIN=DIN, BDIN=next_pow2(DIN), DETACH=detach, NEED_U=need_u, NEED_W=need_W, **p.dims)
+        grid = (p.grad_chunks, n_groups)
+        launch(routing_grad_fused_kernel, lambda meta: grid,
+               (routing_grad_fused_kernel, dev, u.dtype, p.key, iterations, detach, need_u, need_W),
+               u, W, P_all, gs_all, grad_u, grad_W, B, I, iterations, p.grad_caps, n_groups, batch_bucket(B),
+               J=J, D=D, DIN=DIN, BDIN=next_pow2(DIN), DETACH=detach, NEED_U=need_u, NEED_W=need_W, **p.dims)
         if need_W:
             grad_W = grad_W[0] if direct else sum_partials(grad_W, W.dtype)
         return (grad_u if need_u else None), (grad_W if need_W else None)
