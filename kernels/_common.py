@@ -93,10 +93,15 @@ def launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
     dictionary work.  `grid` is a function of the config's kwargs.  A kernel whose `run` was
     replaced on the instance (a test's counter or stub), or whose config list changed, goes
     through the autotuner again."""
+    if "run" in vars(kernel):
+        kernel[grid](*args, **kwargs)
+        return
     chosen = _CHOSEN_CONFIGS.get(key)
-    if chosen is not None and chosen[0] is kernel.configs and "run" not in vars(kernel):
+    if chosen is not None and chosen[0] is kernel.configs:
         config = chosen[1]
         kernel.fn[grid(config.kwargs)](*args, **kwargs, **config.all_kwargs())
         return
     kernel[grid](*args, **kwargs)
-    _CHOSEN_CONFIGS[key] = (kernel.configs, kernel.best_config)
+    config = getattr(kernel, "best_config", None)
+    if config is not None:
+        _CHOSEN_CONFIGS[key] = (kernel.configs, config)

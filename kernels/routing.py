@@ -131,6 +131,13 @@ def _squash_tile(s, eps):
 
 
 @triton.jit
+def _squash_grad(s, g, eps):
+    """squash'(s)^T g for a tile: f g + 2 f' (s . g) s."""
+    f, df = _squash_tile(s, eps)
+    return f * g + 2.0 * df * expand(dot_d(s, g)) * s
+
+
+@triton.jit
 def _at(t, stride):
     """Offset of entry t of an (r, B, J, D) statistics tensor, in int64."""
     return (t + tl.zeros((), tl.int64)) * stride
@@ -149,8 +156,9 @@ def routing_pass_kernel(
                       #   gs^{t-1} (ACCUMULATE), writes gs^{t-1} there and G^{t-1} to the slot of gs^{t-2} (HAS_NEXT)
     part_ptr,         # (n_chunks, B, J, D) fp32 scratch: chunk partial sums (n_chunks > 1)
     count_ptr,        # (>= batch blocks,) int32 arrival counters, 0 on entry and on exit (n_chunks > 1)
-    s_all_ptr,        # (r, B, J, D) fp32: forward writes s^t; BACKWARD reads s^{t-1}
-    v_ptr,            # (B, J, D) out, input dtype: v = squash(s^{r-1}) (forward, LAST)
+    s_all_ptr,        # (r, B, J, D) fp32: forward writes s^t; BACKWARD reads s^{t-1} (and s^t if GS_FROM_GRAD_V)
+    v_ptr,            # (B, J, D) forward, LAST: out, input dtype: v = squash(s^{r-1});
+                      #   BACKWARD, GS_FROM_GRAD_V: in, any float dtype: dL/dv
     B, I,             # batch, input capsules
     caps_per_chunk,   # input capsules per program along grid axis 1
     n_chunks,         # programs along grid axis 1
@@ -164,6 +172,7 @@ def routing_pass_kernel(
     LAST: tl.constexpr,        # forward t = r-1: write v instead of P^{t+1}
     ACCUMULATE: tl.constexpr,  # BACKWARD: G^t is nonzero (t < r-1)
     HAS_NEXT: tl.constexpr,    # BACKWARD: another reduction pass follows (t >= 2)
+    GS_FROM_GRAD_V: tl.constexpr,  # BACKWARD, t = r-1: form gs^t from s^t and dL/dv (chunk 0 stores it)
     BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -176,7 +185,14 @@ def routing_pass_kernel(
     if not FIRST:
         P = tl.load(P_all_ptr + _at(t - 1, stride) + bjd, mask=mask, other=0.0)
     if BACKWARD:
-        gs = tl.load(gs_all_ptr + _at(t, stride) + bjd, mask=mask, other=0.0)
+        if GS_FROM_GRAD_V:
+            s_t = tl.load(s_all_ptr + _at(t, stride) + bjd, mask=mask, other=0.0)
+            g = tl.load(v_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
+            gs = _squash_grad(s_t, g, eps)
+            if chunk == 0:  # for the final pass
+                tl.store(gs_all_ptr + _at(t, stride) + bjd, gs, mask=mask)
+        else:
+            gs = tl.load(gs_all_ptr + _at(t, stride) + bjd, mask=mask, other=0.0)
     acc = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
     i_start = chunk * caps_per_chunk
     i_end = tl.minimum(i_start + caps_per_chunk, I)
@@ -206,8 +222,7 @@ def routing_pass_kernel(
             if HAS_NEXT:
                 tl.store(gs_all_ptr + _at(t - 2, stride) + bjd, acc, mask=mask)
             s = tl.load(s_all_ptr + _at(t - 1, stride) + bjd, mask=mask, other=0.0)
-            f, df = _squash_tile(s, eps)
-            tl.store(out, f * acc + 2.0 * df * expand(dot_d(s, acc)) * s, mask=mask)
+            tl.store(out, _squash_grad(s, acc, eps), mask=mask)
         else:  # acc = s^t: v^t = squash(s^t), P^{t+1} = P^t + v^t
             tl.store(s_all_ptr + _at(t, stride) + bjd, acc, mask=mask)
             f, _ = _squash_tile(acc, eps)
@@ -239,8 +254,7 @@ def routing_bwd_init_kernel(
     at = _at(t, B * (J * D))
     s = tl.load(s_all_ptr + at + bjd, mask=mask, other=0.0)
     g = tl.load(grad_v_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
-    f, df = _squash_tile(s, eps)
-    tl.store(gs_all_ptr + at + bjd, f * g + 2.0 * df * expand(dot_d(s, g)) * s, mask=mask)
+    tl.store(gs_all_ptr + at + bjd, _squash_grad(s, g, eps), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,31 +461,31 @@ def _routing_forward(u, W, u_hat, iterations: int, fused: bool):
     for t in range(iterations):
         launch(routing_pass_kernel, grid, key, *args, t, ROUTING_EPS, batch_bucket(B), J=J, D=D, DIN=DIN,
                BACKWARD=False, FUSED=fused, FIRST=t == 0, LAST=t == iterations - 1, ACCUMULATE=False, HAS_NEXT=False,
-               **p.dims)
+               GS_FROM_GRAD_V=False, **p.dims)
     return v, s_all, P_all
 
 
 def _backward_stats(ins, src, s_all, P_all, grad_v, iterations: int, detach: bool, fused: bool, p: Plan, sizes):
     """gs_all (r, B, J, D): gs^{r-1} from dL/dv, then (unless detach) gs^{r-2} .. gs^0 from one
-    reduction pass each."""
+    reduction pass each (the first pass forms gs^{r-1} itself)."""
     B, I, J, D, DIN = sizes
     dev = src.device
     gs_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
-    init_block = lanes_per_sample(p.dims["BJ"]) * INIT_WARPS
-    routing_bwd_init_kernel[(cdiv(B, init_block),)](
-        s_all, grad_v, gs_all, B, iterations - 1, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block, num_warps=INIT_WARPS,
-        **p.dims)
     if detach or iterations == 1:
+        init_block = lanes_per_sample(p.dims["BJ"]) * INIT_WARPS
+        routing_bwd_init_kernel[(cdiv(B, init_block),)](
+            s_all, grad_v, gs_all, B, iterations - 1, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block,
+            num_warps=INIT_WARPS, **p.dims)
         return gs_all
     part = empty(p.n_chunks, B, J, D, dtype=torch.float32, device=dev) if p.n_chunks > 1 else src
     count = torch.zeros(p.count_len, dtype=torch.int32, device=dev) if p.n_chunks > 1 else src
     grid = _pass_grid(B, p.n_chunks)
-    args = ins + (P_all, gs_all, part, count, s_all, src, B, I, p.caps_per_chunk, p.n_chunks)
+    args = ins + (P_all, gs_all, part, count, s_all, grad_v, B, I, p.caps_per_chunk, p.n_chunks)
     key = (routing_pass_kernel, dev, src.dtype, p.key, fused, True)
     for t in range(iterations - 1, 0, -1):  # sum_i gb^t u_hat -> G^{t-1}, gs^{t-1}
         launch(routing_pass_kernel, grid, key, *args, t, ROUTING_EPS, batch_bucket(B), J=J, D=D, DIN=DIN,
                BACKWARD=True, FUSED=fused, FIRST=False, LAST=False, ACCUMULATE=t < iterations - 1, HAS_NEXT=t >= 2,
-               **p.dims)
+               GS_FROM_GRAD_V=t == iterations - 1, **p.dims)
     return gs_all
 
 

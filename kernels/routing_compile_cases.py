@@ -26,12 +26,15 @@ def _case(name, fn, signature, constexprs, config, default):
 
 
 def _pass_cases(src, dtype, tag, sizes, dims):
-    sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "P_ptr": F32, "gs_ptr": F32, "part_ptr": F32,
-           "count_ptr": "*i32", "s_ptr": F32, "out_ptr": F32, "next_ptr": F32, "B": "i32", "I": "i32",
-           "caps_per_chunk": "i32", "n_chunks": "i32", "eps": "fp32", "B_BUCKET": "i32"}
-    variants = (("forward", dict(BACKWARD=False, FIRST=False, LAST=False, ACCUMULATE=False, HAS_NEXT=False)),
-                ("forward-first", dict(BACKWARD=False, FIRST=True, LAST=False, ACCUMULATE=False, HAS_NEXT=False)),
-                ("backward", dict(BACKWARD=True, FIRST=False, LAST=False, ACCUMULATE=True, HAS_NEXT=True)))
+    sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "part_ptr": F32,
+           "count_ptr": "*i32", "s_all_ptr": F32, "v_ptr": src, "B": "i32", "I": "i32",
+           "caps_per_chunk": "i32", "n_chunks": "i32", "t": "i32", "eps": "fp32", "B_BUCKET": "i32"}
+    off = dict(FIRST=False, LAST=False, ACCUMULATE=False, HAS_NEXT=False, GS_FROM_GRAD_V=False)
+    variants = (("forward", dict(off, BACKWARD=False)),
+                ("forward-first", dict(off, BACKWARD=False, FIRST=True)),
+                ("forward-last", dict(off, BACKWARD=False, LAST=True)),
+                ("backward", dict(off, BACKWARD=True, ACCUMULATE=True, HAS_NEXT=True)),
+                ("backward-first", dict(off, BACKWARD=True, HAS_NEXT=True, GS_FROM_GRAD_V=True)))
     cases = []
     for fused in (True, False):
         for what, flags in variants:
@@ -61,7 +64,7 @@ def _grad_cases(src, dtype, tag, sizes, dims, din):
 
 
 def _init_case(src, tag, sizes, dims):
-    sig = {"s_ptr": F32, "grad_v_ptr": src, "gs_ptr": F32, "B": "i32", "eps": "fp32"}
+    sig = {"s_all_ptr": F32, "grad_v_ptr": src, "gs_all_ptr": F32, "B": "i32", "t": "i32", "eps": "fp32"}
     const = {"J": sizes["J"], "D": sizes["D"], "BLOCK_B": lanes_per_sample(dims["BJ"]) * INIT_WARPS, **dims}
     return {"name": f"routing_bwd_init[{tag}]", "fn": routing_bwd_init_kernel, "signature": sig,
             "constexprs": const, "num_warps": INIT_WARPS, "num_stages": 1, "default": True}

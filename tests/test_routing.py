@@ -132,9 +132,15 @@ def test_triton_path_launches_kernels(monkeypatch):
     u, W, grad_v = _inputs((3, 4, 2, 3, 2), torch.float32)
     v = ct.transform_route(u, W, iterations=3, backend="auto")  # auto -> triton under the interpreter
     torch.autograd.grad(v, (u, W), grad_v)
-    # forward: one pass per iteration (finishing inside); backward: gs^{r-1}, 2 reduction passes, final pass
+    # forward: one pass per iteration (finishing inside); backward: 2 reduction passes (the first forms
+    # gs^{r-1} from dL/dv), the final pass
+    assert {k: v for k, v in calls.items() if ":" not in k} == {"routing_pass_kernel": 5, "routing_grad_fused_kernel": 1}
+    calls.clear()
+    v = ct.transform_route(u, W, iterations=3, detach=True, backend="auto")
+    torch.autograd.grad(v, (u, W), grad_v)
+    # detach: no reduction pass, so gs^{r-1} gets its own small kernel
     assert {k: v for k, v in calls.items() if ":" not in k} == {
-        "routing_pass_kernel": 5, "routing_bwd_init_kernel": 1, "routing_grad_fused_kernel": 1}
+        "routing_pass_kernel": 3, "routing_bwd_init_kernel": 1, "routing_grad_fused_kernel": 1}
 
 
 @pytest.mark.parametrize("frozen", ["W", "u"])
