@@ -258,6 +258,7 @@ def plot_metrics(path: str | os.PathLike, history: Sequence[dict]) -> Path | Non
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     if not history:
@@ -277,6 +278,8 @@ def plot_metrics(path: str | os.PathLike, history: Sequence[dict]) -> Path | Non
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")
     ax_speed.plot(epochs, [r["images_per_s"] for r in history], "o-", color="C4")
     ax_speed.set(title="training images/s", xlabel="epoch", ylim=(0, None))
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
