@@ -96,7 +96,8 @@ def _key(config: triton.Config) -> tuple[int, int]:
 
 # (BLOCK_B, num_warps) that `python -m capstriton.kernels.compile_check` measured spilling
 # (sm_80 or sm_90, triton 3.6 or 3.8, fp32 or fp16), by padded J
-PASS_BACKWARD_SPILLS = {16: {(16, 16), (4, 4)}, 32: {(16, 16)}}
+PASS_SPILLS = {32: {(16, 16), (4, 4)}}
+PASS_BACKWARD_SPILLS = {16: {(16, 16), (4, 4)}, 32: {(16, 16), (4, 4)}}
 GRAD_SPILLS = {16: {(4, 2), (8, 4), (16, 8)}, 32: {(2, 2), (8, 8)}}
 UNFUSED_GRAD_SPILLS = {16: {(2, 1)}}
 
@@ -115,7 +116,7 @@ def _pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = No
     return prune
 
 
-prune_pass_configs = _pruner(32, {}, PASS_BACKWARD_SPILLS)
+prune_pass_configs = _pruner(32, PASS_SPILLS, PASS_BACKWARD_SPILLS)
 prune_grad_configs = _pruner(16, GRAD_SPILLS)
 prune_unfused_grad_configs = _pruner(16, UNFUSED_GRAD_SPILLS)
 
