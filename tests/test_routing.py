@@ -192,6 +192,15 @@ def test_autotune_pruning_keeps_register_fitting_configs():
     assert picked(prune_pass_configs, PASS_CONFIGS, 128, 16) == [(16, 16)]  # none fits: the smallest tile
 
 
+def _check_fused_fp32(u, W, grad_v):
+    v = ct.transform_route(u, W, 3, backend="triton")
+    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
+    v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
+    assert_close(v, v64, FORWARD[torch.float32], "v")
+    assert_close(grad_u, gu64, GRADIENT[torch.float32], "grad_u")
+    assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W")
+
+
 @pytest.mark.parametrize("sms", [None, "132"], ids=["one-chunk", "132-SM-grid"])
 def test_grid_splits_agree(sms, monkeypatch):
     """The capsule chunking of a GPU (many chunk partials, finished by the last program to
@@ -204,12 +213,7 @@ def test_grid_splits_agree(sms, monkeypatch):
     u, W, grad_v = _inputs((3, 33, 4, 5, 3), torch.float32)
     plan = routing.plan(3, 33, 4, 5, 3, routing.target_programs(u.device))
     assert (plan.n_chunks > 1) == (sms is not None)
-    v = ct.transform_route(u, W, 3, backend="triton")
-    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
-    v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
-    assert_close(v, v64, FORWARD[torch.float32], "v")
-    assert_close(grad_u, gu64, GRADIENT[torch.float32], "grad_u")
-    assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W")
+    _check_fused_fp32(u, W, grad_v)
     u_hat = caps_transform_ref(u.detach(), W.detach()).requires_grad_()
     v2 = ct.dynamic_routing(u_hat, 3, backend="triton")
     (g2,) = torch.autograd.grad(v2, u_hat, grad_v)
@@ -225,13 +229,7 @@ def _config_ids(configs):
 def _check_config(kernel_name, config, monkeypatch, shape):
     from capstriton.kernels import routing
     monkeypatch.setattr(getattr(routing, kernel_name), "configs", [config])
-    u, W, grad_v = _inputs(shape, torch.float32)
-    v = ct.transform_route(u, W, 3, backend="triton")
-    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
-    v64, gu64, gW64 = _ref64(transform_route_ref, (u, W), grad_v, iterations=3)
-    assert_close(v, v64, FORWARD[torch.float32], "v")
-    assert_close(grad_u, gu64, GRADIENT[torch.float32], "grad_u")
-    assert_close(grad_W, gW64, GRADIENT[torch.float32], "grad_W")
+    _check_fused_fp32(*_inputs(shape, torch.float32))
 
 
 def _all_configs(name):
