@@ -2,7 +2,7 @@
 
 Every kernel at the configs its autotune list keeps for the paper's DigitCaps shape (J = 10 ->
 BJ = 16, D = 16, Din = 8; fp32 and fp16: every config, bf16: the default) and for the wider
-shape J = 32 (fp32, fp16).  ``default`` marks the config used before any tuning.
+shape J = 32 (fp32, fp16).  ``default`` marks the first config the autotune list keeps for the shape (the one used before any tuning).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ SHAPES = ((10, 16, 8, ("fp32", "fp16", "bf16")), (32, 16, 8, ("fp32", "fp16")))
 
 
 def _pick(prune, configs, dtype, dims, **flags):
-    kept = prune(configs, {}, **dims, **flags)
-    return [(c, c is configs[0]) for c in (kept if dtype != "bf16" else kept[:1])]
+    kept = prune(configs, {}, **dims, **flags)  # the first one kept is the default for this shape
+    return [(c, c is kept[0]) for c in (kept if dtype != "bf16" else kept[:1])]
 
 
 def _case(name, fn, signature, constexprs, config, default):
