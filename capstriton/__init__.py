@@ -23,3 +23,11 @@ __all__ = [
     "squash", "caps_transform", "dynamic_routing", "transform_route", "margin_loss",
     "reconstruction_loss", "PrimaryCaps", "DigitCaps", "CapsNet", "__version__",
 ]
+
+# attention routing family (self-attention: Efficient-CapsNet; inverted dot-product attention)
+from .self_attention_routing import self_attention_routing, transform_self_attention_routing  # noqa: E402
+from .inverted_attention_routing import (inverted_attention_routing,  # noqa: E402
+                                         transform_inverted_attention_routing)
+
+__all__ += ["self_attention_routing", "transform_self_attention_routing", "inverted_attention_routing",
+            "transform_inverted_attention_routing"]

@@ -13,6 +13,10 @@ __all__ = [
     "caps_transform_ref",
     "dynamic_routing_ref",
     "transform_route_ref",
+    "exp_squash_ref",
+    "self_attention_routing_ref",
+    "inverted_attention_routing_ref",
+    "self_attention_couplings_ref",
 ]
 
 
@@ -64,3 +68,56 @@ def dynamic_routing_ref(u_hat: torch.Tensor, iterations: int = 3, detach: bool =
 def transform_route_ref(u: torch.Tensor, W: torch.Tensor, iterations: int = 3, detach: bool = False) -> torch.Tensor:
     """dynamic_routing_ref(caps_transform_ref(u, W))."""
     return dynamic_routing_ref(caps_transform_ref(u, W), iterations=iterations, detach=detach)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention routing family (self-attention: Mazzia et al. 2021; inverted dot-product
+# attention: Tsai et al. 2020).  Softmax always over the output capsules j.
+# ----------------------------------------------------------------------------------------------
+def exp_squash_ref(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Efficient-CapsNet's squash v = (1 - exp(-|s|)) s / |s|, through expm1; v = s at |s| = 0
+    (the limit), with finite gradients there (identity Jacobian)."""
+    n = torch.linalg.vector_norm(s, dim=dim, keepdim=True)
+    nonzero = n > 0
+    n_safe = torch.where(nonzero, n, torch.ones_like(n))
+    scale = torch.where(nonzero, -torch.expm1(-n_safe) / n_safe, torch.ones_like(n))
+    return s * scale
+
+
+def self_attention_couplings_ref(u_hat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention routing's couplings c (B, I, J): softmax_j(u_hat_ij . S_j / sqrt(D)) + bias_ij,
+    S_j = sum_k u_hat_kj (the row sums of the I x I attention matrix, which is never formed)."""
+    S = u_hat.sum(dim=1, keepdim=True)  # (B, 1, J, D)
+    c = torch.softmax((u_hat * S).sum(dim=-1) / u_hat.shape[-1] ** 0.5, dim=2)
+    return c + bias if bias is not None else c
+
+
+def self_attention_routing_ref(u_hat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention routing (Efficient-CapsNet): u_hat (B, I, J, D), bias (I, J) -> v (B, J, D).
+
+    c = self_attention_couplings_ref(u_hat, bias) (bias added after the softmax, as in the
+    authors' code); s_j = sum_i c_ij u_hat_ij; v_j = exp_squash(s_j)."""
+    c = self_attention_couplings_ref(u_hat, bias)
+    return exp_squash_ref((c.unsqueeze(-1) * u_hat).sum(dim=1))
+
+
+def _inverted_attention_couplings(u_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """r_ij = softmax_j(u_hat_ij . p_j / sqrt(D)): (B, I, J)."""
+    return torch.softmax((u_hat * p.unsqueeze(1)).sum(dim=-1) / u_hat.shape[-1] ** 0.5, dim=2)
+
+
+def inverted_attention_routing_ref(u_hat: torch.Tensor, iterations: int = 2, weight: torch.Tensor | None = None,
+                                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                                   return_coupling: bool = False):
+    """Inverted dot-product attention routing (Tsai et al. 2020): u_hat (B, I, J, D) -> p (B, J, D).
+
+    p^0 = 0; for t = 1..iterations: r_ij = softmax_j(u_hat_ij . p^{t-1}_j / sqrt(D)),
+    p^t_j = LayerNorm_D(sum_i r_ij u_hat_ij) (affine ``weight``, ``bias`` of shape (D,) when
+    given).  The first iteration's coupling is uniform.  ``return_coupling``: also return the
+    last iteration's r (B, I, J)."""
+    B, I, J, D = u_hat.shape
+    p = u_hat.new_zeros(B, J, D)
+    for _ in range(iterations):
+        r = _inverted_attention_couplings(u_hat, p)
+        p = torch.nn.functional.layer_norm((r.unsqueeze(-1) * u_hat).sum(dim=1), (D,), weight, bias, eps)
+    return (p, r) if return_coupling else p

@@ -11,3 +11,9 @@ __all__ += ["dynamic_routing_fwd", "dynamic_routing_bwd", "transform_route_fwd",
 from .caps_transform import caps_transform_bwd, caps_transform_fwd
 
 __all__ += ["caps_transform_fwd", "caps_transform_bwd"]
+from .self_attention_routing import self_attention_routing_bwd, self_attention_routing_fwd
+
+__all__ += ["self_attention_routing_fwd", "self_attention_routing_bwd"]
+from .inverted_attention_routing import inverted_attention_routing_bwd, inverted_attention_routing_fwd
+
+__all__ += ["inverted_attention_routing_fwd", "inverted_attention_routing_bwd"]
