@@ -31,3 +31,6 @@ from .inverted_attention_routing import (inverted_attention_routing,  # noqa: E4
 
 __all__ += ["self_attention_routing", "transform_self_attention_routing", "inverted_attention_routing",
             "transform_inverted_attention_routing"]
+from .efficient_capsnet import EFFICIENT_CAPSNET_RECIPE, EfficientCapsNet  # noqa: E402
+
+__all__ += ["EfficientCapsNet", "EFFICIENT_CAPSNET_RECIPE"]
