@@ -67,19 +67,58 @@ def _backward(ctx, grad_v, _grad_s, _grad_P):
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int = 3, detach: bool = False,
-                    backend: str = "auto") -> torch.Tensor:
-    """dynamic_routing(caps_transform(u, W)): u (B, I, Din), W (I, J, Dout, Din) -> v (B, J, Dout).
+def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int | None = None, detach: bool = False,
+                    backend: str = "auto", routing: str = "dynamic", bias: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None, eps: float | None = None, return_coupling: bool = False):
+    """Routing of the predictions u_hat = W u: u (B, I, Din), W (I, J, Dout, Din) -> v (B, J, Dout).
 
     On the triton backend the prediction vectors u_hat = W u (B*I*J*Dout elements) are never
     materialized: every routing pass, forward and backward, recomputes them from u and W, and
     the backward produces dL/du and dL/dW directly (dL/dW reduced over the batch
     deterministically).  The kernels read W as (I, Din, J, Dout) in memory; a W stored in the
     usual contiguous layout costs one transposed copy per call (``DigitCaps`` stores its weight
-    in the kernel layout).  See ``dynamic_routing`` for ``iterations`` and ``detach``.
+    in the kernel layout).
+
+    routing:
+      * "dynamic" (default): dynamic_routing(caps_transform(u, W)); ``iterations`` (default 3)
+        and ``detach``, see ``dynamic_routing``;
+      * "self-attention": ``transform_self_attention_routing(u, W, bias)``, bias (I, J); no
+        iterations or detach;
+      * "inverted-attention": ``transform_inverted_attention_routing(u, W, iterations, weight,
+        bias, eps)``, iterations default 2, LayerNorm affine weight / bias (Dout,), eps default 1e-5.
+    Arguments that mean nothing for the chosen algorithm raise ValueError when set.
+    ``return_coupling=True`` returns (v, c) with the final couplings c (B, I, J), computed for
+    analysis by the PyTorch reference (u_hat materialized, no gradient).
     """
-    check_transform_shapes(u, W)
-    check_iterations(iterations)
-    if resolve_backend(backend, u, W) == "torch":
-        return transform_route_ref(u, W, iterations, bool(detach))
-    return _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))[0]
+    from .couplings import routing_couplings
+    from .inverted_attention_routing import transform_inverted_attention_routing
+    from .self_attention_routing import transform_self_attention_routing
+
+    algorithms = ("dynamic", "self-attention", "inverted-attention")
+    if routing not in algorithms:
+        raise ValueError(f"routing must be one of {algorithms}, got {routing!r}")
+    given = {"iterations": iterations is not None, "detach": bool(detach), "bias": bias is not None,
+             "weight": weight is not None, "eps": eps is not None}
+    allowed = {"dynamic": {"iterations", "detach"}, "self-attention": {"bias"},
+               "inverted-attention": {"iterations", "bias", "weight", "eps"}}[routing]
+    extra = sorted(k for k, v in given.items() if v and k not in allowed)
+    if extra:
+        raise ValueError(f"routing={routing!r} takes {sorted(allowed) or 'no extra arguments'}, got {extra}")
+    if routing == "dynamic":
+        iterations = 3 if iterations is None else iterations
+        check_transform_shapes(u, W)
+        check_iterations(iterations)
+        if resolve_backend(backend, u, W) == "torch":
+            v = transform_route_ref(u, W, iterations, bool(detach))
+        else:
+            v = _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))[0]
+    elif routing == "self-attention":
+        iterations = 1
+        v = transform_self_attention_routing(u, W, bias, backend=backend)
+    else:
+        iterations = 2 if iterations is None else iterations
+        eps = 1e-5 if eps is None else eps
+        v = transform_inverted_attention_routing(u, W, iterations, weight, bias, eps, backend=backend)
+    if not return_coupling:
+        return v
+    return v, routing_couplings(u, W, routing, iterations, bias, weight, 1e-5 if eps is None else eps)
