@@ -51,19 +51,21 @@ def main(argv=None) -> float:
     p.add_argument("--time-budget", type=float, default=120.0, help="seconds of training")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam; decays exponentially to lr/20 over the budget")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (within the budget)")
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.time_budget <= 0 or args.batch_size < 1 or args.lr <= 0:
         raise SystemExit("--time-budget, --batch-size and --lr must be positive")
     torch.manual_seed(args.seed)
     data = mnist_tensors(log=print)
-    model = RoutedCapsNet(args.routing)
+    model = RoutedCapsNet(args.routing, args.backend)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n, bs = data["train_x"].shape[0], args.batch_size
     print(f"routing={args.routing}: {sum(q.numel() for q in model.parameters()):,} parameters")
     start, step = time.time(), 0
-    while time.time() - start < args.time_budget:
+    while time.time() - start < args.time_budget and step < (args.max_steps or float("inf")):
         for group in opt.param_groups:
             group["lr"] = args.lr * 0.05 ** ((time.time() - start) / args.time_budget)
         idx = torch.randint(0, n, (bs,))

@@ -76,3 +76,19 @@ def test_digitcaps_routing_arguments():
         ct.DigitCaps(6, 4, 3, 5, iterations=3, routing="self-attention")
     with pytest.raises(ValueError, match="routing must be one of"):
         ct.DigitCaps(6, 4, 3, 5, routing="em")
+
+
+def test_inverted_attention_trains_on_mnist(mnist_root, monkeypatch):
+    """A linear head per class capsule + cross-entropy learns MNIST through inverted-attention
+    routing: 80 steps of 64 images give far better than chance on 500 test images."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("CAPSTRITON_DATA_DIR", str(mnist_root))
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_routing_family.py"
+    spec = importlib.util.spec_from_file_location("train_routing_family", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    acc = script.main(["--routing", "inverted-attention", "--max-steps", "80", "--time-budget", "600",
+                       "--test-subset", "500", "--backend", "torch"])
+    assert acc > 0.8
