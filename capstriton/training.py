@@ -98,6 +98,15 @@ class Distributed:
         return torch.nn.parallel.DistributedDataParallel(model)
 
 
+def require_positive(parser, args, ints: Sequence[str] = (), floats: Sequence[str] = ()) -> None:
+    """parser.error for an integer flag below 1 or a float flag not above 0 (unset flags pass)."""
+    for names, bad, rule in ((ints, lambda v: v < 1, ">= 1"), (floats, lambda v: not v > 0, "> 0")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and bad(value):
+                parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" -> cuda when available, else cpu; SystemExit for CUDA on a machine without it."""
     if device == "auto":

@@ -33,7 +33,7 @@ from capstriton.checkpoint import load_checkpoint  # noqa: E402
 from capstriton.data import DataUnavailableError, center_on_canvas, default_data_dir, mnist_tensors  # noqa: E402
 from capstriton.decoding import decode_perturbations, perturbation_deltas  # noqa: E402
 from capstriton.evaluation import as_model_input, capsnet_from_checkpoint, confusion_matrix, predict  # noqa: E402
-from capstriton.training import resolve_device  # noqa: E402
+from capstriton.training import require_positive, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,10 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--perturbed", type=int, default=3, help="digits (of different classes) in perturbation grids")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    for name in ("batch_size", "test_subset", "examples", "perturbed", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(p, args, ints=("batch_size", "test_subset", "examples", "perturbed", "threads"))
     return args
 
 

@@ -45,7 +45,7 @@ from capstriton.data import (AFFINE_SEED, AFFNIST_RANGES, DataUnavailableError, 
                              center_on_canvas, default_data_dir, mnist_tensors, random_placement)
 from capstriton.evaluation import as_model_input  # noqa: E402
 from capstriton.experiments import EarlyStopping, train  # noqa: E402
-from capstriton.training import resolve_device, write_metrics_csv  # noqa: E402
+from capstriton.training import require_positive, resolve_device, write_metrics_csv  # noqa: E402
 
 CANVAS, PAD_SHIFT = 40, 6
 SPLIT_SEED, PLACEMENT_SEED = 0, 1
@@ -96,13 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     models = args.models.split(",")
     if not models or any(m not in ("capsnet", "cnn") for m in models):
         p.error(f"--models must list capsnet and/or cnn, got {args.models!r}")
-    for name in ("batch_size", "max_steps", "eval_every", "patience", "val_size", "per_digit", "iterations",
-                 "conv_channels", "primary_caps", "threads", "eval_batch_size", "train_subset", "test_subset"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.time_budget is not None and not args.time_budget > 0:
-        p.error(f"--time-budget must be > 0, got {args.time_budget}")
+    require_positive(p, args, ints=("batch_size", "max_steps", "eval_every", "patience", "val_size", "per_digit",
+                                    "iterations", "conv_channels", "primary_caps", "threads", "eval_batch_size",
+                                    "train_subset", "test_subset"), floats=("time_budget",))
     return args
 
 

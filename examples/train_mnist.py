@@ -130,20 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
                    help="also write TensorBoard event files to DIR (needs: pip install tensorboard)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "per_rank_batch_size", "iterations", "eval_batch_size", "train_subset",
-                 "test_subset", "decay_steps", "conv_channels", "primary_caps", "threads", "checkpoint_every",
-                 "max_steps", "log_every"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    training.require_positive(
+        p, args, ints=("epochs", "batch_size", "per_rank_batch_size", "iterations", "eval_batch_size", "train_subset",
+                       "test_subset", "decay_steps", "conv_channels", "primary_caps", "threads", "checkpoint_every",
+                       "max_steps", "log_every"),
+        floats=("lr", "lr_decay", "lr_final"))
     if args.batch_size is not None and args.per_rank_batch_size is not None:
         p.error("give --batch-size (global) or --per-rank-batch-size, not both")
     if args.shift < 0:
         p.error(f"--shift must be >= 0, got {args.shift}")
-    for name in ("lr", "lr_decay", "lr_final"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.time_budget is not None and not args.time_budget >= 0:
         p.error(f"--time-budget must be >= 0 (0: none), got {args.time_budget}")
     if args.recon_weight is not None and not args.recon_weight >= 0:

@@ -42,7 +42,7 @@ from capstriton.decoding import decode_capsule  # noqa: E402
 from capstriton.evaluation import as_model_input  # noqa: E402
 from capstriton.experiments import train  # noqa: E402
 from capstriton.multimnist import multimnist_loss, pair_errors, top2  # noqa: E402
-from capstriton.training import resolve_device, write_metrics_csv  # noqa: E402
+from capstriton.training import require_positive, resolve_device, write_metrics_csv  # noqa: E402
 
 VAL_SEED, VAL_SIZE = 4321, 1000
 # Full size: the paper's CapsNet on 36x36; 468,750 steps of 128 = the paper's 60M training pairs.
@@ -77,15 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "eval_every", "test_size", "iterations", "conv_channels", "primary_caps",
-                 "threads", "eval_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(p, args, ints=("steps", "batch_size", "eval_every", "test_size", "iterations", "conv_channels",
+                                    "primary_caps", "threads", "eval_batch_size"), floats=("time_budget",))
     if args.test_size is not None and args.test_size > MULTIMNIST_TEST_SIZE:
         p.error(f"--test-size must be at most {MULTIMNIST_TEST_SIZE}, got {args.test_size}")
-    if args.time_budget is not None and not args.time_budget > 0:
-        p.error(f"--time-budget must be > 0, got {args.time_budget}")
     return args
 
 

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, interpreter_enabled
+from ._common import empty, target_programs
 from .partials import MAX_GROUPS
-from .routing import _coupling, _grad_prediction_tile, _prediction_tile, _sample_tile, _softmax_grad, _sum_partials
+from ._tiles3d import _coupling, _grad_prediction_tile, _prediction_tile, _sample_tile, _softmax_grad, _sum_partials
 
 MODE_SUM, MODE_FORWARD, MODE_BACKWARD = 0, 1, 2
 MIN_CAPS_PER_CHUNK = 4   # floor: chunk partials stay <= B*I*J*D/4 elements
@@ -191,14 +191,6 @@ def scaled_sum_finish_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch plan
 # ----------------------------------------------------------------------------------------------
-def _target_programs(device: torch.device) -> int:
-    """About four programs per SM; the interpreter runs programs one by one, so few there."""
-    if interpreter_enabled() or device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class Plan:
     """Sizes of one attention-routing launch: problem, tile widths, chunking and batch groups.
 
@@ -211,7 +203,7 @@ class Plan:
         self.din = W.shape[3] if self.fused else 1
         self.device = src.device
         self.dims = {"BJ": triton.next_power_of_2(self.J), "BD": triton.next_power_of_2(self.D)}
-        target = _target_programs(self.device)
+        target = target_programs(self.device)
         # streaming passes: batch blocks x capsule chunks, at least MIN_CAPS_PER_CHUNK capsules each
         batch_blocks = triton.cdiv(self.B, PASS_CONFIG["BLOCK_B"])
         chunks = max(1, min(self.I // MIN_CAPS_PER_CHUNK, triton.cdiv(target, batch_blocks)))

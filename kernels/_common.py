@@ -1,6 +1,7 @@
 """Helpers shared by the launchers: output allocation, precision switches, autotune lists."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,6 +43,22 @@ def autotune_cache_kwargs() -> dict:
     if "cache_results" in inspect.signature(triton.autotune).parameters and not interpreter_enabled():
         return {"cache_results": True}
     return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """About four programs per SM.  CAPSTRITON_SM_COUNT overrides the SM count (to reproduce a
+    GPU's grid on the CPU); without it the interpreter (programs run one by one) gets 4."""
+    forced = os.environ.get("CAPSTRITON_SM_COUNT")
+    if forced:
+        return 4 * int(forced)
+    if interpreter_enabled() or device.type != "cuda":
+        return 4
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def cdiv(a: int, b: int) -> int:

@@ -29,7 +29,7 @@ import triton.language as tl
 from ._attention import MODE_BACKWARD, MODE_FORWARD, Plan, finish_compile_case, pass_compile_cases
 from ._common import empty, on_device
 from .partials import sum_partials
-from .routing import _sample_tile, _sum_partials
+from ._tiles3d import _sample_tile, _sum_partials
 
 
 @triton.jit

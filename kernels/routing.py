@@ -46,7 +46,6 @@ All statistics are fp32; inputs may be fp32, fp16 or bf16; results are cast to t
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -56,12 +55,10 @@ import triton.language as tl
 from ._capsule_tiles import (dot_d, expand, lanes_per_sample, last_to_arrive, prediction_tile, softmax_j,
                              softmax_j_grad, sum_chunk_partials, tile_dims, tile_offsets)
 from ._common import (autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, cdiv, empty,
-                      interpreter_enabled, launch, next_pow2, on_device)
+                      launch, next_pow2, on_device, target_programs)
 from ._common import use_tuned_configs
 from .partials import MAX_GROUPS, sum_partials
 from .squash import _squash_scale
-# three-dimensional tile helpers, re-exported for the attention-routing kernels
-from ._tiles3d import _coupling, _grad_prediction_tile, _prediction_tile, _sample_tile, _softmax_grad, _sum_partials  # noqa: F401,E501
 
 ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as capstriton.reference)
 MIN_CAPS_PER_CHUNK = 4  # chunk partials hold at most B*I*J*D/4 elements
@@ -373,22 +370,6 @@ def routing_grad_fused_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch plan (cached per shape and device) and launchers
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def target_programs(device: torch.device) -> int:
-    """About four programs per SM.  CAPSTRITON_SM_COUNT overrides the SM count (to reproduce a
-    GPU's grid on the CPU); without it the interpreter (programs run one by one) gets 4."""
-    forced = os.environ.get("CAPSTRITON_SM_COUNT")
-    if forced:
-        return 4 * int(forced)
-    if interpreter_enabled() or device.type != "cuda":
-        return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 class Plan(NamedTuple):
     dims: dict            # constexpr tile widths BJ, BDH, BDL
     n_chunks: int         # capsule chunks of the streaming passes

@@ -31,7 +31,7 @@ from ._attention import (MODE_BACKWARD, MODE_FORWARD, MODE_SUM, Plan, finish_com
                          scaled_sum_finish_kernel)
 from ._common import empty, on_device
 from .partials import sum_partials
-from .routing import _sample_tile, _sum_partials
+from ._tiles3d import _sample_tile, _sum_partials
 
 @triton.jit
 def _exp_squash_scale(n):

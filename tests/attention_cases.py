@@ -30,6 +30,18 @@ def ref64(fn, tensors, grad_v):
     return (out, *torch.autograd.grad(out, leaves, grad_v.double()))
 
 
+def assert_matches_ref64(out, fn64, inputs, grad_v, names, dtype, what):
+    """Output and the gradients of ``inputs`` for grad_v against fn64 run in float64, in dtype's tolerances."""
+    from tolerances import FORWARD, GRADIENT, assert_close
+
+    grads = torch.autograd.grad(out, inputs, grad_v)
+    out64, *grads64 = ref64(fn64, inputs, grad_v)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close(out, out64, FORWARD[dtype], what)
+    for name, g, g64 in zip(names, grads, grads64):
+        assert_close(g, g64, GRADIENT[dtype], name)
+
+
 def count_launches(monkeypatch, kernels):
     """Count the launches of {module: [kernel names]}; returns the live dict of counts."""
     calls = {}

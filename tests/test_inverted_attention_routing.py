@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import capstriton as ct
-from attention_cases import DTYPES, SHAPES, count_launches, ref64, transform_inputs
+from attention_cases import DTYPES, SHAPES, assert_matches_ref64, count_launches, ref64, transform_inputs
 from capstriton.reference import caps_transform_ref, inverted_attention_routing_ref
 from tolerances import FORWARD, GRADIENT, assert_close
 
@@ -27,12 +27,7 @@ def _check(fused, shape, dtype, iterations, affine=True, eps=1e-5):
         p = ct.inverted_attention_routing(u_hat, iterations, *extra, eps=eps, backend="triton")
         inputs, names = (u_hat, *extra), ("grad_u_hat", *names)
         ref = lambda x, *a: inverted_attention_routing_ref(x, iterations, *a, eps=eps)  # noqa: E731
-    grads = torch.autograd.grad(p, inputs, grad_v)
-    p64, *grads64 = ref64(ref, inputs, grad_v)
-    assert p.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert_close(p, p64, FORWARD[dtype], "p")
-    for name, g, g64 in zip(names, grads, grads64):
-        assert_close(g, g64, GRADIENT[dtype], name)
+    assert_matches_ref64(p, ref, inputs, grad_v, names, dtype, "p")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -53,7 +48,7 @@ def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several
     weight-gradient batch groups (B = 70): the reference's results, bitwise repeatable."""
     from capstriton.kernels import _attention
-    monkeypatch.setattr(_attention, "_target_programs", lambda device: programs)
+    monkeypatch.setattr(_attention, "target_programs", lambda device: programs)
     shape = (70, 37, 4, 5, 3)
     _check(True, shape, torch.float32, 3)
     u, W, _, grad_v = transform_inputs(shape, torch.float32)
