@@ -10,6 +10,7 @@ from . import kernels as K
 from ._backend import resolve_backend
 from ._validation import check_iterations, check_same_device_dtype, check_tensor, check_transform_shapes
 from .reference import caps_transform_ref, inverted_attention_routing_ref
+from .transform_route import kernel_layout_weight
 
 __all__ = ["inverted_attention_routing", "transform_inverted_attention_routing"]
 
@@ -23,14 +24,15 @@ def _op(src: torch.Tensor, W: Optional[torch.Tensor], iterations: int, weight: O
 
 
 def _output_shape(src, W):
-    return (src.shape[0], W.shape[1], W.shape[2]) if W is not None else (src.shape[0], src.shape[2], src.shape[3])
+    """(B, J, D) for u_hat (B, I, J, D), or u with W in the kernel layout (I, Din, J, D)."""
+    return (src.shape[0], W.shape[2], W.shape[3]) if W is not None else (src.shape[0], src.shape[2], src.shape[3])
 
 
 @_op.register_fake
 def _(src, W, iterations, weight, bias, eps):
     shape = _output_shape(src, W)
-    stats = src.new_empty((iterations, *shape), dtype=torch.float32)
-    return src.new_empty(shape), stats, torch.empty_like(stats)
+    return (src.new_empty(shape), src.new_empty((iterations, *shape), dtype=torch.float32),
+            src.new_empty((iterations - 1, *shape), dtype=torch.float32))
 
 
 @torch.library.custom_op("capstriton::inverted_attention_routing_backward", mutates_args=())
@@ -95,9 +97,11 @@ def _route(src, W, u_hat_fn, iterations, weight, bias, eps, backend, tensors):
     check_layer_norm_args(weight, bias, eps, D, src)
     tensors = tensors + tuple(t for t in (weight, bias) if t is not None)
     if resolve_backend(backend, *tensors) == "torch":
-        return inverted_attention_routing_ref(u_hat_fn(), iterations, weight, bias, float(eps))
+        return inverted_attention_routing_ref(u_hat_fn(), iterations, weight, bias, float(eps)), None
     w, b = _kernel_affine(weight, bias, D, src)
-    return _op(src.contiguous(), W.contiguous() if W is not None else None, iterations, w, b, float(eps))[0]
+    p, _, Q_all = _op(src.contiguous(), kernel_layout_weight(W) if W is not None else None, iterations, w, b,
+                      float(eps))
+    return p, (Q_all[-1] if iterations > 1 else None)
 
 
 def inverted_attention_routing(u_hat: torch.Tensor, iterations: int = 2, weight: torch.Tensor | None = None,
@@ -119,7 +123,7 @@ def inverted_attention_routing(u_hat: torch.Tensor, iterations: int = 2, weight:
         backend: "auto", "torch" (reference) or "triton" (kernels; couplings never stored).
     """
     check_tensor("u_hat", u_hat, 4, " (B, I, J, D)")
-    return _route(u_hat, None, lambda: u_hat, iterations, weight, bias, eps, backend, (u_hat,))
+    return _route(u_hat, None, lambda: u_hat, iterations, weight, bias, eps, backend, (u_hat,))[0]
 
 
 def transform_inverted_attention_routing(u: torch.Tensor, W: torch.Tensor, iterations: int = 2,
@@ -129,6 +133,15 @@ def transform_inverted_attention_routing(u: torch.Tensor, W: torch.Tensor, itera
 
     On the triton backend u_hat = W u is never materialized: every pass, forward and backward,
     recomputes it; the backward produces dL/du, dL/dW and the LayerNorm parameter gradients
-    directly (reduced over the batch deterministically)."""
+    directly (reduced over the batch deterministically).  The kernels read W as (I, Din, J, D); a W
+    stored in the usual layout costs one transposed copy per call (``DigitCaps`` stores its weight
+    in the kernel layout)."""
+    return transform_with_state(u, W, iterations, weight, bias, eps, backend)[0]
+
+
+def transform_with_state(u, W, iterations, weight, bias, eps, backend: str):
+    """(p, Q): p of transform_inverted_attention_routing and, on the triton backend, the query
+    Q^{r-1} (B, J, D) fp32 of the last iteration's couplings (None with one iteration, whose
+    couplings are uniform, and on the torch backend)."""
     check_transform_shapes(u, W)
     return _route(u, W, lambda: caps_transform_ref(u, W), iterations, weight, bias, eps, backend, (u, W))

@@ -10,6 +10,7 @@ from . import kernels as K
 from ._backend import resolve_backend
 from ._validation import check_same_device_dtype, check_tensor, check_transform_shapes
 from .reference import caps_transform_ref, self_attention_routing_ref
+from .transform_route import kernel_layout_weight
 
 __all__ = ["self_attention_routing", "transform_self_attention_routing"]
 
@@ -23,7 +24,8 @@ def _op(src: torch.Tensor, W: Optional[torch.Tensor],
 
 
 def _output_shape(src, W):
-    return (src.shape[0], W.shape[1], W.shape[2]) if W is not None else (src.shape[0], src.shape[2], src.shape[3])
+    """(B, J, D) for u_hat (B, I, J, D), or u with W in the kernel layout (I, Din, J, D)."""
+    return (src.shape[0], W.shape[2], W.shape[3]) if W is not None else (src.shape[0], src.shape[2], src.shape[3])
 
 
 @_op.register_fake
@@ -102,10 +104,19 @@ def transform_self_attention_routing(u: torch.Tensor, W: torch.Tensor, bias: tor
 
     On the triton backend u_hat = W u is never materialized: both forward passes and the backward
     recompute it, and the backward produces dL/du, dL/dW and dL/dbias directly (weight and bias
-    gradients reduced over the batch deterministically)."""
+    gradients reduced over the batch deterministically).  The kernels read W as (I, Din, J, D);
+    a W stored in the usual layout costs one transposed copy per call (``DigitCaps`` stores its
+    weight in the kernel layout)."""
+    return transform_with_state(u, W, bias, backend)[0]
+
+
+def transform_with_state(u, W, bias, backend: str):
+    """(v, Q): v of transform_self_attention_routing and, on the triton backend, the query Q
+    (B, J, D) fp32 its couplings were formed from (None on the torch backend)."""
     check_transform_shapes(u, W)
     check_coupling_bias(bias, W.shape[0], W.shape[1], u)
     tensors = (u, W) if bias is None else (u, W, bias)
     if resolve_backend(backend, *tensors) == "torch":
-        return self_attention_routing_ref(caps_transform_ref(u, W), bias)
-    return _op(u.contiguous(), W.contiguous(), bias.contiguous() if bias is not None else None)[0]
+        return self_attention_routing_ref(caps_transform_ref(u, W), bias), None
+    v, Q, _ = _op(u.contiguous(), kernel_layout_weight(W), bias.contiguous() if bias is not None else None)
+    return v, Q

@@ -87,12 +87,14 @@ def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int | None = N
       * "inverted-attention": ``transform_inverted_attention_routing(u, W, iterations, weight,
         bias, eps)``, iterations default 2, LayerNorm affine weight / bias (Dout,), eps default 1e-5.
     Arguments that mean nothing for the chosen algorithm raise ValueError when set.
-    ``return_coupling=True`` returns (v, c) with the final couplings c (B, I, J), computed for
-    analysis by the PyTorch reference (u_hat materialized, no gradient).
+    ``return_coupling=True`` returns (v, c) with the final couplings c (B, I, J) for analysis (no
+    gradient: c does not require grad).  On the triton backend one more kernel forms them from
+    the last iteration's state, recomputing u_hat = W u (never materialized); the torch backend
+    computes them with the reference.
     """
-    from .couplings import routing_couplings
-    from .inverted_attention_routing import transform_inverted_attention_routing
-    from .self_attention_routing import transform_self_attention_routing
+    from .inverted_attention_routing import transform_with_state as inverted_with_state
+    from .self_attention_routing import transform_with_state as self_attention_with_state
+    from .couplings import couplings_from_state, routing_couplings
 
     algorithms = ("dynamic", "self-attention", "inverted-attention")
     if routing not in algorithms:
@@ -104,6 +106,8 @@ def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int | None = N
     extra = sorted(k for k, v in given.items() if v and k not in allowed)
     if extra:
         raise ValueError(f"routing={routing!r} takes {sorted(allowed) or 'no extra arguments'}, got {extra}")
+    triton_backend = False
+    state = coupling_bias = None
     if routing == "dynamic":
         iterations = 3 if iterations is None else iterations
         check_transform_shapes(u, W)
@@ -111,14 +115,20 @@ def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int | None = N
         if resolve_backend(backend, u, W) == "torch":
             v = transform_route_ref(u, W, iterations, bool(detach))
         else:
-            v = _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))[0]
+            triton_backend = True
+            v, _, P_all = _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))
+            state = P_all[-1] if iterations > 1 else None
     elif routing == "self-attention":
         iterations = 1
-        v = transform_self_attention_routing(u, W, bias, backend=backend)
+        v, state = self_attention_with_state(u, W, bias, backend)
+        triton_backend, coupling_bias = state is not None, bias
     else:
         iterations = 2 if iterations is None else iterations
         eps = 1e-5 if eps is None else eps
-        v = transform_inverted_attention_routing(u, W, iterations, weight, bias, eps, backend=backend)
+        v, state = inverted_with_state(u, W, iterations, weight, bias, eps, backend)
+        triton_backend = resolve_backend(backend, u, W) != "torch"
     if not return_coupling:
         return v
+    if triton_backend:  # from the final state, u_hat recomputed: never materialized
+        return v, couplings_from_state(u, kernel_layout_weight(W), state, coupling_bias)
     return v, routing_couplings(u, W, routing, iterations, bias, weight, 1e-5 if eps is None else eps)

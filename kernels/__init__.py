@@ -17,3 +17,6 @@ __all__ += ["self_attention_routing_fwd", "self_attention_routing_bwd"]
 from .inverted_attention_routing import inverted_attention_routing_bwd, inverted_attention_routing_fwd
 
 __all__ += ["inverted_attention_routing_fwd", "inverted_attention_routing_bwd"]
+from .couplings import routing_couplings_fwd
+
+__all__ += ["routing_couplings_fwd"]

@@ -1,22 +1,25 @@
 """Inverted dot-product attention routing kernels (Tsai et al. 2020), unfused (u_hat read from
-memory) and fused with the transform (u_hat = W u recomputed, never stored).
+memory) and fused with the transform (u_hat = W u recomputed, W in the kernel layout
+(I, Din, J, D), never stored).  Built on the shared streaming passes of kernels/_streaming.py;
+this file holds only what differs: the LayerNorm finishes and their launch order.
 
-Forward, per sample (u = u_hat (I, J, D); r iterations; LayerNorm over D with optional affine
-w, b of shape (D,)).  With queries Q^t = p^t / sqrt(D) (Q^0 = 0: the first coupling is uniform):
-    q^t_ij = softmax_j(u_ij . Q^{t-1}_j),  s^t_j = sum_i q^t_ij u_ij           pass t (MODE_FORWARD)
-    p^t_j = LayerNorm(s^t_j) = xhat^t_j w + b,  xhat = (s - mean) rstd      finish: Q^t, or p^r out
-Saved for the backward: s^t and Q^{t-1} for every t, (r, B, J, D) each.
+Forward, per sample (u = u_hat (I, J, D); r iterations, 0-based t; LayerNorm over D with
+optional affine w, b of shape (D,)).  With queries Q^t = p^{t-1} / sqrt(D) (Q^0 absent: the
+first coupling is uniform):
+    q^t_ij = softmax_j(u_ij . Q^t_j),  s^t_j = sum_i q^t_ij u_ij        pass t (MODE_SUM for t = 0)
+    p^t_j = LayerNorm(s^t_j) = xhat^t_j w + b,  xhat = (s - mean) rstd   its finish: Q^{t+1}, or p^{r-1} out
+Saved for the backward: s^0..s^{r-1} (r, B, J, D) and Q^1..Q^{r-1} (r-1, B, J, D).
 
-Backward.  With g^t = dL/dp^t (g^r given):
+Backward.  With g^t = dL/dp^t (g^{r-1} given):
     gs^t = rstd (gx - mean_d(gx) - xhat mean_d(gx xhat)),  gx = g^t w       (LayerNorm backward)
-    dL/dw += sum_j g^t xhat^t,  dL/db += sum_j g^t        (per sample, then summed over the batch)
+    dL/dw += sum_j g^t xhat^t,  dL/db += sum_j g^t        (per iteration and sample, summed in a fixed order)
     gc^t_ij = u_ij . gs^t_j,  ga^t_ij = q^t_ij (gc^t_ij - sum_k q^t_ik gc^t_ik)
-    g^{t-1}_j = sum_i ga^t_ij u_ij / sqrt(D)                 (p^{t-1} enters only through Q^{t-1})
-    dL/du_ij = sum_t [ q^t_ij gs^t_j + ga^t_ij Q^{t-1}_j ]
-So for t = r .. 2 one reduction pass (MODE_BACKWARD) gives g^{t-1}, each finish turns g^t into
-gs^t, and one final pass (`attention_grad_kernel`) writes dL/du_hat, or fused dL/du and the
-dL/dW partials.  The per-sample LayerNorm parameter gradients are summed over the batch in a
-fixed order by `kernels/partials.py`.
+    g^{t-1}_j = sum_i ga^t_ij u_ij / sqrt(D)                 (p^{t-1} enters only through Q^t)
+    dL/du_ij = sum_t [ q^t_ij gs^t_j + ga^t_ij Q^t_j ]       (no ga term at t = 0)
+For t = r-1 .. 1 one reduction pass (MODE_BACKWARD) sums ga^t u over i; its finish forms gs^{t-1}
+(the first pass forms gs^{r-1} from dL/dp itself, chunk 0 stores it).  The shared final pass
+(states Q^t, uniform first iteration) writes dL/du_hat, or fused dL/du and dL/dW.  With r = 1
+a small kernel forms gs^0.
 """
 from __future__ import annotations
 
@@ -26,185 +29,229 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention import MODE_BACKWARD, MODE_FORWARD, Plan, finish_compile_case, pass_compile_cases
-from ._common import empty, on_device
+from ._capsule_tiles import dot_d, expand, lanes_per_sample
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, on_device, \
+    target_programs, use_tuned_configs
+from ._streaming import PASS_CONFIGS, at, final_grad, finish_chunks, pass_grid, plan, prune_pass_configs, \
+    sample_block, sizes, stream_capsules
 from .partials import sum_partials
-from ._tiles3d import _sample_tile, _sum_partials
+
+INIT_WARPS = 4
 
 
 @triton.jit
-def _layer_norm_stats(s, mask, D):
-    """(xhat, rstd) of the rows of s (BJ, BD) over their D valid columns (eps added by the caller)."""
-    mean = tl.sum(s, axis=1) / D
-    diff = tl.where(mask, s - mean[:, None], 0.0)
-    return diff, tl.sum(diff * diff, axis=1) / D
+def _d_index(b_offs, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr):
+    """d of every element of a (BDH, BLOCK_B, BJ, BDL) tile (so that a (D,) vector loads in the tile's layout)."""
+    dh = tl.arange(0, BDH)[:, None, None, None]
+    jj = tl.arange(0, BJ)[None, None, :, None]
+    dl = tl.arange(0, BDL)[None, None, None, :]
+    return dh * BDL + dl + jj * 0 + (b_offs * 0)[None, :, None, None]
 
 
 @triton.jit
-def layer_norm_fwd_finish_kernel(
-    part_ptr,         # (n_chunks, B, J, D) fp32 partial sums of s^t
-    n_chunks,
-    s_ptr,            # (B, J, D) fp32 out: s^t (saved for the backward)
-    w_ptr,            # (D,) LayerNorm weight (HAS_AFFINE)
-    b_ptr,            # (D,) LayerNorm bias (HAS_AFFINE)
-    Q_next_ptr,       # (B, J, D) fp32 out: Q^t = p^t / sqrt(D) (unless LAST)
-    p_ptr,            # (B, J, D) out, input dtype: p^r (LAST)
-    B, J, D,
-    eps,              # LayerNorm epsilon
-    scale,            # 1 / sqrt(D)
-    HAS_AFFINE: tl.constexpr,
-    LAST: tl.constexpr,
-    BJ: tl.constexpr,
-    BD: tl.constexpr,
-):
-    offs, mask = _sample_tile(J, D, BJ, BD)
-    s = _sum_partials(part_ptr, n_chunks, B * J * D, offs, mask, BJ, BD)
-    tl.store(s_ptr + offs, s, mask=mask)
-    diff, var = _layer_norm_stats(s, mask, D)
-    p = diff / tl.sqrt(var + eps)[:, None]
-    if HAS_AFFINE:
-        d_offs = tl.arange(0, BD)
-        d_mask = d_offs < D
-        p = p * tl.load(w_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        p += tl.load(b_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    if LAST:
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(Q_next_ptr + offs, p * scale, mask=mask)
+def _layer_norm(s, jd_mask, eps, D: tl.constexpr):
+    """(xhat, rstd) of the D-vectors of a tile: xhat = (s - mean) rstd, rstd (BLOCK_B, BJ)."""
+    mean = tl.sum(tl.sum(s, axis=3), axis=0) / D
+    diff = tl.where(jd_mask, s - expand(mean), 0.0)
+    rstd = 1.0 / tl.sqrt(dot_d(diff, diff) / D + eps)
+    return diff * expand(rstd), rstd
 
 
 @triton.jit
-def layer_norm_bwd_finish_kernel(
-    part_ptr,         # (n_chunks, B, J, D) fp32 partials of sum_i ga^{t+1} u_hat (HAS_PARTS)
-    n_chunks,
-    grad_p_ptr,       # (B, J, D) dL/dp^r, any float dtype (not HAS_PARTS)
-    s_ptr,            # (B, J, D) fp32: s^t
-    w_ptr,            # (D,) LayerNorm weight (HAS_AFFINE)
-    gs_ptr,           # (B, J, D) fp32 out: gs^t = dL/ds^t
-    gw_ptr,           # (B, D) fp32 in/out: per-sample dL/dw (HAS_AFFINE)
-    gb_ptr,           # (B, D) fp32 in/out: per-sample dL/db (HAS_AFFINE)
-    B, J, D,
-    eps,
-    scale,            # 1 / sqrt(D)
-    HAS_PARTS: tl.constexpr,   # t < r: g^t = scale * sum of the partials; else g^r = grad_p
-    HAS_AFFINE: tl.constexpr,
-    ACCUMULATE: tl.constexpr,  # add to gw / gb (every iteration after the first one visited)
-    BJ: tl.constexpr,
-    BD: tl.constexpr,
-):
-    offs, mask = _sample_tile(J, D, BJ, BD)
-    if HAS_PARTS:
-        g = _sum_partials(part_ptr, n_chunks, B * J * D, offs, mask, BJ, BD) * scale
-    else:
-        g = tl.load(grad_p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    diff, var = _layer_norm_stats(s, mask, D)
-    rstd = 1.0 / tl.sqrt(var + eps)
-    xhat = diff * rstd[:, None]
+def _layer_norm_grad(s, g, w_ptr, jd_mask, eps, b_offs, D: tl.constexpr, HAS_AFFINE: tl.constexpr,
+                     BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr):
+    """(dL/ds, xhat) of p = LayerNorm(s) for g = dL/dp (tiles)."""
+    xhat, rstd = _layer_norm(s, jd_mask, eps, D)
     gx = g
     if HAS_AFFINE:
-        d_offs = tl.arange(0, BD)
-        d_mask = d_offs < D
-        gx = g * tl.load(w_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        row = tl.program_id(0).to(tl.int64) * D + d_offs
-        gw = tl.sum(g * xhat, axis=0)
-        gb = tl.sum(g, axis=0)
-        if ACCUMULATE:
-            gw += tl.load(gw_ptr + row, mask=d_mask, other=0.0)
-            gb += tl.load(gb_ptr + row, mask=d_mask, other=0.0)
-        tl.store(gw_ptr + row, gw, mask=d_mask)
-        tl.store(gb_ptr + row, gb, mask=d_mask)
-    m1 = tl.sum(gx, axis=1) / D
-    m2 = tl.sum(gx * xhat, axis=1) / D
-    gs = tl.where(mask, (gx - m1[:, None] - xhat * m2[:, None]) * rstd[:, None], 0.0)
-    tl.store(gs_ptr + offs, gs, mask=mask)
+        d = _d_index(b_offs, BJ, BDH, BDL)
+        gx = g * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    m1 = tl.sum(tl.sum(gx, axis=3), axis=0) / D
+    m2 = dot_d(gx, xhat) / D
+    return tl.where(jd_mask, (gx - expand(m1) - xhat * expand(m2)) * expand(rstd), 0.0), xhat
+
+
+@triton.jit
+def _store_affine_grads(g, xhat, gw_ptr, gb_ptr, b_offs, B, D: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr):
+    """This iteration's per-sample dL/dw = sum_j g xhat and dL/db = sum_j g, stored at gw_ptr, gb_ptr (B, D)."""
+    d = tl.arange(0, BDH)[:, None, None] * BDL + tl.arange(0, BDL)[None, None, :]
+    offs = b_offs[None, :, None] * D + d
+    mask = (b_offs < B)[None, :, None] & (d < D)
+    tl.store(gw_ptr + offs, tl.sum(g * xhat, axis=2), mask=mask)
+    tl.store(gb_ptr + offs, tl.sum(g, axis=2), mask=mask)
+
+
+@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "MODE",
+                                                              "HAS_AFFINE"],
+                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
+@triton.jit
+def inverted_attention_pass_kernel(
+    u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
+    W_ptr,            # (I, DIN, J, D) transform matrices, kernel layout (FUSED) - else unused
+    uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED) - else unused
+    Q_all_ptr,        # (r-1, B, J, D) fp32: Q^1 .. Q^{r-1}; reads Q^t (t >= 1), forward writes Q^{t+1} unless LAST
+    s_all_ptr,        # (r, B, J, D) fp32: forward writes s^t; backward reads s^{t-1} (and s^t if GS_FROM_GRAD)
+    gs_all_ptr,       # (r, B, J, D) fp32, backward: reads gs^t (chunk 0 writes it if GS_FROM_GRAD), finish writes gs^{t-1}
+    w_ptr, b_ptr,     # (D,) LayerNorm affine (HAS_AFFINE)
+    gw_all_ptr,       # (r, B, D) fp32, backward out: per-iteration, per-sample dL/dw (HAS_AFFINE)
+    gb_all_ptr,       # (r, B, D) fp32, backward out: per-iteration, per-sample dL/db (HAS_AFFINE)
+    p_ptr,            # (B, J, D) forward, LAST: out, input dtype: p; backward, GS_FROM_GRAD: in: dL/dp
+    part_ptr,         # (n_chunks, B, J, D) fp32 scratch: chunk partial sums (n_chunks > 1)
+    count_ptr,        # (>= batch blocks,) int32 arrival counters, 0 on entry and on exit (n_chunks > 1)
+    B, I,             # batch, input capsules
+    caps_per_chunk,   # input capsules per program along grid axis 1
+    n_chunks,         # programs along grid axis 1
+    t,                # iteration (0-based): forward t, or backward the pass for t -> t-1
+    eps,              # LayerNorm epsilon
+    scale,            # 1 / sqrt(D)
+    B_BUCKET,         # autotune key: batch rounded up to a power of two
+    J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
+    MODE: tl.constexpr,        # MODE_SUM (forward t = 0), MODE_FORWARD or MODE_BACKWARD
+    LAST: tl.constexpr,        # forward t = r-1: write p instead of Q^{t+1}
+    GS_FROM_GRAD: tl.constexpr,  # backward t = r-1: form gs^t from s^t and dL/dp
+    HAS_AFFINE: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
+):
+    b_offs, b_mask, jd, jd_mask, bjd, mask, zero_b = sample_block(B, J, D, BLOCK_B, BJ, BDH, BDL)
+    chunk = tl.program_id(1)
+    stride = B * (J * D)
+    Q = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
+    gs = Q
+    if MODE != 0:
+        Q = tl.load(Q_all_ptr + at(t - 1, stride) + bjd, mask=mask, other=0.0)
+    if MODE == 2:
+        if GS_FROM_GRAD:
+            s_t = tl.load(s_all_ptr + at(t, stride) + bjd, mask=mask, other=0.0)
+            g = tl.load(p_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
+            gs, xhat = _layer_norm_grad(s_t, g, w_ptr, jd_mask, eps, b_offs, D, HAS_AFFINE, BJ, BDH, BDL)
+            if chunk == 0:  # for the final pass
+                tl.store(gs_all_ptr + at(t, stride) + bjd, gs, mask=mask)
+                if HAS_AFFINE:
+                    _store_affine_grads(g, xhat, gw_all_ptr + at(t, B * D), gb_all_ptr + at(t, B * D), b_offs, B, D,
+                                        BDH, BDL)
+        else:
+            gs = tl.load(gs_all_ptr + at(t, stride) + bjd, mask=mask, other=0.0)
+    i_start = chunk * caps_per_chunk
+    acc = stream_capsules(u_ptr, W_ptr, uhat_ptr, u_ptr, b_offs, b_mask, jd, mask, zero_b, Q, gs, i_start,
+                          tl.minimum(i_start + caps_per_chunk, I), I, MODE, False, FUSED, J, D, DIN, BLOCK_B, BJ,
+                          BDH, BDL)
+    if MODE == 0:
+        acc = acc * (1.0 / J)
+    acc, finish = finish_chunks(acc, part_ptr, count_ptr, chunk, n_chunks, stride, bjd, mask)
+    if finish:
+        if MODE == 2:  # acc * scale = g^{t-1}: gs^{t-1} = LayerNorm'(s^{t-1})^T g^{t-1}
+            s = tl.load(s_all_ptr + at(t - 1, stride) + bjd, mask=mask, other=0.0)
+            g = acc * scale
+            gs, xhat = _layer_norm_grad(s, g, w_ptr, jd_mask, eps, b_offs, D, HAS_AFFINE, BJ, BDH, BDL)
+            tl.store(gs_all_ptr + at(t - 1, stride) + bjd, gs, mask=mask)
+            if HAS_AFFINE:
+                _store_affine_grads(g, xhat, gw_all_ptr + at(t - 1, B * D), gb_all_ptr + at(t - 1, B * D), b_offs, B,
+                                    D, BDH, BDL)
+        else:  # acc = s^t: p^t = LayerNorm(s^t)
+            tl.store(s_all_ptr + at(t, stride) + bjd, acc, mask=mask)
+            p = _layer_norm(acc, jd_mask, eps, D)[0]
+            if HAS_AFFINE:
+                d = _d_index(b_offs, BJ, BDH, BDL)
+                p = p * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32) \
+                    + tl.load(b_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            if LAST:
+                tl.store(p_ptr + bjd, p.to(p_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(Q_all_ptr + at(t, stride) + bjd, p * scale, mask=mask)
+
+
+@triton.jit
+def inverted_attention_bwd_init_kernel(
+    s_ptr,            # (B, J, D) fp32: s^0
+    grad_p_ptr,       # (B, J, D) dL/dp, any float dtype
+    w_ptr,            # (D,) LayerNorm weight (HAS_AFFINE)
+    gs_ptr,           # (B, J, D) fp32 out: gs^0
+    gw_ptr, gb_ptr,   # (B, D) fp32 out: per-sample dL/dw, dL/db (HAS_AFFINE)
+    B,
+    eps,
+    J: tl.constexpr, D: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
+):
+    """gs^0 (and the affine gradients) when there is a single iteration: no reduction pass forms it."""
+    b_offs, _, _, jd_mask, bjd, mask, _ = sample_block(B, J, D, BLOCK_B, BJ, BDH, BDL)
+    s = tl.load(s_ptr + bjd, mask=mask, other=0.0)
+    g = tl.load(grad_p_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
+    gs, xhat = _layer_norm_grad(s, g, w_ptr, jd_mask, eps, b_offs, D, HAS_AFFINE, BJ, BDH, BDL)
+    tl.store(gs_ptr + bjd, gs, mask=mask)
+    if HAS_AFFINE:
+        _store_affine_grads(g, xhat, gw_ptr, gb_ptr, b_offs, B, D, BDH, BDL)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _forward(src, W, iterations: int, weight, bias, eps: float):
-    plan = Plan(src, W)
-    scale = 1.0 / math.sqrt(plan.D)
-    part = plan.stats(plan.n_chunks)
-    s_all, Q_all = plan.stats(iterations), plan.stats(iterations)
-    Q_all[0].zero_()  # Q^0 = 0: the first iteration's coupling is uniform
-    p = empty(plan.B, plan.J, plan.D, dtype=src.dtype, device=plan.device)
-    affine = weight is not None
-    for t in range(iterations):
-        last = t == iterations - 1
-        plan.pass_(MODE_FORWARD, src, W, Q_all[t], None, None, part)
-        layer_norm_fwd_finish_kernel[(plan.B,)](
-            part, plan.n_chunks, s_all[t], weight if affine else part, bias if affine else part,
-            Q_all[t] if last else Q_all[t + 1], p, plan.B, plan.J, plan.D, eps, scale,
-            HAS_AFFINE=affine, LAST=last, **plan.dims)
-    return p, s_all, Q_all
+class _Call:
+    """Sizes, plan and scratch of one forward or backward call."""
 
+    def __init__(self, src, W, weight, bias, eps: float):
+        self.src, self.W, self.weight, self.bias, self.eps = src, W, weight, bias, float(eps)
+        self.fused = W is not None
+        u, u_hat = (src, None) if self.fused else (None, src)
+        self.shape = sizes(u, W, u_hat)
+        self.B, self.I, self.J, self.D, self.DIN = self.shape
+        self.p = plan(*self.shape, target_programs(src.device))
+        multi = self.p.n_chunks > 1
+        self.part = empty(self.p.n_chunks, self.B, self.J, self.D, dtype=torch.float32, device=src.device) \
+            if multi else src
+        self.count = torch.zeros(self.p.count_len, dtype=torch.int32, device=src.device) if multi else src
 
-def _backward(src, W, iterations: int, weight, bias, eps: float, s_all, Q_all, grad_p):
-    plan = Plan(src, W)
-    scale = 1.0 / math.sqrt(plan.D)
-    affine = weight is not None
-    grad_p = grad_p.contiguous()
-    gs_all = plan.stats(iterations)
-    part = plan.stats(plan.n_chunks)
-    gw = gb = part
-    if affine:
-        gw = empty(plan.B, plan.D, dtype=torch.float32, device=plan.device)
-        gb = empty(plan.B, plan.D, dtype=torch.float32, device=plan.device)
-    for t in range(iterations - 1, -1, -1):  # 0-based: Q_all[t] = Q^{t}, s_all[t] = s^{t+1}
-        has_parts = t < iterations - 1
-        if has_parts:  # sum_i ga^{t+2} u_hat (1-based), the gradient reaching p^{t+1}
-            plan.pass_(MODE_BACKWARD, src, W, Q_all[t + 1], gs_all[t + 1], None, part)
-        layer_norm_bwd_finish_kernel[(plan.B,)](
-            part, plan.n_chunks, grad_p, s_all[t], weight if affine else part, gs_all[t], gw, gb,
-            plan.B, plan.J, plan.D, eps, scale, HAS_PARTS=has_parts, HAS_AFFINE=affine, ACCUMULATE=has_parts,
-            **plan.dims)
-    grad_src, grad_W_part, _ = plan.grad(src, W, Q_all, gs_all, None, None, src.dtype)
-    grad_W = sum_partials(grad_W_part, W.dtype) if W is not None else None
-    grad_weight = sum_partials(gw, weight.dtype) if affine else None
-    grad_bias = sum_partials(gb, bias.dtype) if affine else None
-    return grad_src, grad_W, grad_weight, grad_bias
+    def stats(self, *lead):
+        return empty(*lead, self.B, self.J, self.D, dtype=torch.float32, device=self.src.device)
+
+    def run_pass(self, t: int, mode: int, Q_all, s_all, gs_all, gw, gb, p_or_grad, last=False, from_grad=False):
+        affine = self.weight is not None
+        ins = (self.src, self.W, self.src) if self.fused else (self.src, self.src, self.src)
+        key = (inverted_attention_pass_kernel, self.src.device, self.src.dtype, self.p.key, self.fused, mode, affine)
+        launch(inverted_attention_pass_kernel, pass_grid(self.B, self.p.n_chunks), key, *ins, Q_all, s_all, gs_all,
+               self.weight if affine else s_all, self.bias if affine else s_all, gw, gb, p_or_grad, self.part,
+               self.count, self.B, self.I, self.p.caps_per_chunk, self.p.n_chunks, t, self.eps,
+               1.0 / math.sqrt(self.D), batch_bucket(self.B), J=self.J, D=self.D, DIN=self.DIN, MODE=mode, LAST=last,
+               GS_FROM_GRAD=from_grad, HAS_AFFINE=affine, FUSED=self.fused, **self.p.dims)
 
 
 def inverted_attention_routing_fwd(src: torch.Tensor, W: torch.Tensor | None, iterations: int,
                                    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
-    """src = u_hat (B, I, J, D) with W None, or u (B, I, Din) with W (I, J, D, Din) (fused); weight
-    and bias (D,) both given or both None; all contiguous -> (p (B, J, D), s_all, Q_all (r, B, J, D) fp32)."""
+    """src = u_hat (B, I, J, D) with W None, or u (B, I, Din) with W (I, Din, J, D) (the kernel
+    layout; fused); weight and bias (D,) both given or both None; all contiguous -> (p (B, J, D),
+    s_all (r, B, J, D), Q_all (r-1, B, J, D) fp32)."""
     with on_device(src):
-        return _forward(src, W, iterations, weight, bias, eps)
+        use_tuned_configs()
+        c = _Call(src, W, weight, bias, eps)
+        s_all, Q_all = c.stats(iterations), c.stats(iterations - 1)
+        p = empty(c.B, c.J, c.D, dtype=src.dtype, device=src.device)
+        Q_arg = Q_all if iterations > 1 else s_all
+        for t in range(iterations):
+            c.run_pass(t, 0 if t == 0 else 1, Q_arg, s_all, s_all, s_all, s_all, p, last=t == iterations - 1)
+        return p, s_all, Q_all
 
 
 def inverted_attention_routing_bwd(src, W, iterations: int, weight, bias, eps: float, s_all, Q_all, grad_p):
-    """(dL/dsrc, dL/dW or None, dL/dweight or None, dL/dbias or None) from the saved s_all, Q_all."""
+    """(dL/dsrc, dL/dW or None, dL/dweight or None, dL/dbias or None) from the saved s_all,
+    Q_all (W and dL/dW in the kernel layout)."""
     with on_device(src):
-        return _backward(src, W, iterations, weight, bias, eps, s_all, Q_all, grad_p)
-
-
-# ----------------------------------------------------------------------------------------------
-# compile check (kernels/compile_check.py): the paper's DigitCaps shape (J = 10 -> BJ = 16, D = 16)
-# ----------------------------------------------------------------------------------------------
-def _compile_cases():
-    dtypes = ("fp32", "fp16", "bf16")
-    cases = pass_compile_cases("inverted_attention", dtypes, [(MODE_FORWARD, False), (MODE_BACKWARD, False)])
-    f32 = "*fp32"
-    for dtype in dtypes:
-        src = f"*{dtype}"
-        for affine in (False, True):
-            for last in (False, True):
-                sig = {"part_ptr": f32, "n_chunks": "i32", "s_ptr": f32, "w_ptr": src, "b_ptr": src,
-                       "Q_next_ptr": f32, "p_ptr": src, "eps": "fp32", "scale": "fp32"}
-                cases.append(finish_compile_case(f"inverted_attention_fwd_finish[{dtype},affine={affine},last={last}]",
-                                                 layer_norm_fwd_finish_kernel, sig,
-                                                 {"HAS_AFFINE": affine, "LAST": last}))
-            for has_parts in (False, True):
-                sig = {"part_ptr": f32, "n_chunks": "i32", "grad_p_ptr": src, "s_ptr": f32, "w_ptr": src,
-                       "gs_ptr": f32, "gw_ptr": f32, "gb_ptr": f32, "eps": "fp32", "scale": "fp32"}
-                cases.append(finish_compile_case(
-                    f"inverted_attention_bwd_finish[{dtype},affine={affine},parts={has_parts}]",
-                    layer_norm_bwd_finish_kernel, sig,
-                    {"HAS_PARTS": has_parts, "HAS_AFFINE": affine, "ACCUMULATE": has_parts}))
-    return cases
-
-
-COMPILE_CASES = _compile_cases()
+        c = _Call(src, W, weight, bias, eps)
+        affine = weight is not None
+        grad_p = grad_p.contiguous()
+        gs_all = c.stats(iterations)
+        gw = empty(iterations, c.B, c.D, dtype=torch.float32, device=src.device) if affine else gs_all
+        gb = empty(iterations, c.B, c.D, dtype=torch.float32, device=src.device) if affine else gs_all
+        if iterations == 1:
+            block = lanes_per_sample(c.p.dims["BJ"]) * INIT_WARPS
+            inverted_attention_bwd_init_kernel[(cdiv(c.B, block),)](
+                s_all, grad_p, weight if affine else s_all, gs_all, gw, gb, c.B, c.eps, J=c.J, D=c.D,
+                HAS_AFFINE=affine, BLOCK_B=block, num_warps=INIT_WARPS, **c.p.dims)
+        for t in range(iterations - 1, 0, -1):  # sum_i ga^t u_hat -> gs^{t-1}
+            c.run_pass(t, 2, Q_all, s_all, gs_all, gw, gb, grad_p, from_grad=t == iterations - 1)
+        Q_arg = Q_all if iterations > 1 else s_all
+        grad_src, grad_W, _ = final_grad(c.p, src, W, Q_arg, gs_all, iterations, uniform_first=True)
+        if not affine:
+            return grad_src, grad_W, None, None
+        return (grad_src, grad_W, sum_partials(gw.view(iterations * c.B, c.D), weight.dtype),
+                sum_partials(gb.view(iterations * c.B, c.D), bias.dtype))

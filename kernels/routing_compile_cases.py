@@ -45,19 +45,21 @@ def _pass_cases(src, dtype, tag, sizes, dims):
 
 
 def _grad_cases(src, dtype, tag, sizes, dims, din):
-    fused_sig = {"u_ptr": src, "W_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "grad_u_ptr": src,
-                 "grad_W_ptr": F32, "B": "i32", "I": "i32", "iterations": "i32", "caps_per_chunk": "i32",
-                 "n_groups": "i32", "B_BUCKET": "i32"}
-    unfused_sig = {"uhat_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "grad_uhat_ptr": src, "B": "i32",
-                   "I": "i32", "iterations": "i32", "caps_per_chunk": "i32", "B_BUCKET": "i32"}
+    fused_sig = {"u_ptr": src, "W_ptr": src, "Q_all_ptr": F32, "gs_all_ptr": F32, "R_ptr": F32, "bias_ptr": src,
+                 "grad_u_ptr": src, "grad_W_ptr": F32, "grad_bias_ptr": F32, "B": "i32", "I": "i32",
+                 "iterations": "i32", "caps_per_chunk": "i32", "n_groups": "i32", "B_BUCKET": "i32"}
+    unfused_sig = {"uhat_ptr": src, "Q_all_ptr": F32, "gs_all_ptr": F32, "R_ptr": F32, "bias_ptr": src,
+                   "grad_uhat_ptr": src, "grad_bias_ptr": F32, "B": "i32", "I": "i32", "iterations": "i32",
+                   "caps_per_chunk": "i32", "B_BUCKET": "i32"}
+    extras = dict(UNIFORM_FIRST=True, HAS_R=False, HAS_BIAS=False)
     cases = []
     for detach in (False, True):
         for cfg, default in _pick(prune_grad_configs, GRAD_CONFIGS, dtype, dims):
-            const = {**sizes, "BDIN": din, "DETACH": detach, "NEED_U": True, "NEED_W": True, **dims}
+            const = {**sizes, "BDIN": din, "DETACH": detach, **extras, "NEED_U": True, "NEED_W": True, **dims}
             cases.append(_case(f"routing_grad_fused[{tag},detach={detach}]", routing_grad_fused_kernel.fn,
                                fused_sig, const, cfg, default))
         for cfg, default in _pick(prune_unfused_grad_configs, PASS_CONFIGS, dtype, dims):
-            const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **dims}
+            const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **extras, **dims}
             cases.append(_case(f"routing_grad[{tag},detach={detach}]", routing_grad_kernel.fn, unfused_sig, const,
                                cfg, default))
     return cases

@@ -1,10 +1,12 @@
 """Self-attention routing kernels (Mazzia et al. 2021, Efficient-CapsNet), unfused (u_hat read
-from memory) and fused with the transform (u_hat = W u recomputed, never stored).
+from memory) and fused with the transform (u_hat = W u recomputed, W in the kernel layout
+(I, Din, J, D), never stored).  Built on the shared streaming passes of kernels/_streaming.py;
+this file holds only what differs: the finishes and their launch order.
 
 Forward, per sample (u = u_hat (I, J, D), bias (I, J) optional), two streaming passes:
-    S_j = sum_k u_kj                                      pass 1 (MODE_SUM), finish: Q = S / sqrt(D)
-    q_ij = softmax_j(u_ij . Q_j),  c_ij = q_ij + bias_ij,  s_j = sum_i c_ij u_ij      pass 2
-    v_j = f(n_j) s_j,  n = |s_j|,  f(n) = (1 - exp(-n)) / n   (f(0) = 1)              finish
+    S_j = sum_k u_kj                                      pass MODE_SUM, finish: Q = S / sqrt(D)
+    q_ij = softmax_j(u_ij . Q_j),  c_ij = q_ij + bias_ij,  s_j = sum_i c_ij u_ij      pass MODE_FORWARD
+    v_j = f(n_j) s_j,  n = |s_j|,  f(n) = (1 - exp(-n)) / n   (f(0) = 1)              its finish
 The I x I attention matrix u_ij . u_kj is never formed: only its row sums u_ij . S_j enter.
 Saved for the backward: Q and s, (B, J, D) each.
 
@@ -14,10 +16,10 @@ Backward.  With g = dL/dv and s_hat = s / n (0 at n = 0), since v = (1 - exp(-n)
     ga_ij = q_ij (gc_ij - sum_k q_ik gc_ik)                           (softmax over j)
     R_j = sum_k ga_kj u_kj / sqrt(D)                                  (through S_j = sum_k u_kj)
     dL/du_ij = c_ij gs_j + ga_ij Q_j + R_j
-One reduction pass (MODE_BACKWARD) gives R; the final pass (`attention_grad_kernel` with one
-iteration, Q_all = Q, gs_all = gs) writes dL/du_hat, or fused dL/du and dL/dW partials, and the
-dL/dbias partials.  f and exp(-n) - f are evaluated by a series below n = 0.1, where 1 - exp(-n)
-would cancel (fp32).
+One reduction pass (MODE_BACKWARD; every program forms gs from s and dL/dv, chunk 0 stores it)
+gives R; the shared final pass (one iteration, state Q, plus R and the bias terms) writes
+dL/du_hat, or fused dL/du and dL/dW, and dL/dbias.  f and exp(-n) - f are evaluated by a series
+below n = 0.1, where 1 - exp(-n) would cancel (fp32).
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention import (MODE_BACKWARD, MODE_FORWARD, MODE_SUM, Plan, finish_compile_case, pass_compile_cases,
-                         scaled_sum_finish_kernel)
-from ._common import empty, on_device
-from .partials import sum_partials
-from ._tiles3d import _sample_tile, _sum_partials
+from ._capsule_tiles import dot_d, expand
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, empty, launch, on_device, \
+    target_programs, use_tuned_configs
+from ._streaming import MODE_BACKWARD, MODE_FORWARD, MODE_SUM, PASS_CONFIGS, final_grad, finish_chunks, pass_grid, \
+    plan, prune_pass_configs, sample_block, sizes, stream_capsules
+
 
 @triton.jit
 def _exp_squash_scale(n):
@@ -44,99 +47,115 @@ def _exp_squash_scale(n):
 
 
 @triton.jit
-def exp_squash_fwd_finish_kernel(
-    part_ptr,         # (n_chunks, B, J, D) fp32 partial sums of s
-    n_chunks,
-    s_ptr,            # (B, J, D) fp32 out: s (saved for the backward)
-    v_ptr,            # (B, J, D) out, input dtype: v = f(|s|) s
-    B, J, D,
-    BJ: tl.constexpr,
-    BD: tl.constexpr,
-):
-    offs, mask = _sample_tile(J, D, BJ, BD)
-    s = _sum_partials(part_ptr, n_chunks, B * J * D, offs, mask, BJ, BD)
-    tl.store(s_ptr + offs, s, mask=mask)
-    f, _ = _exp_squash_scale(tl.sqrt(tl.sum(s * s, axis=1)))
-    tl.store(v_ptr + offs, (s * f[:, None]).to(v_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def exp_squash_bwd_kernel(
-    s_ptr,            # (B, J, D) fp32: s
-    grad_v_ptr,       # (B, J, D) dL/dv, any float dtype
-    gs_ptr,           # (B, J, D) fp32 out: dL/ds
-    B, J, D,
-    BJ: tl.constexpr,
-    BD: tl.constexpr,
-):
-    offs, mask = _sample_tile(J, D, BJ, BD)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(grad_v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    n = tl.sqrt(tl.sum(s * s, axis=1))
+def _exp_squash_grad(s, g):
+    """dL/ds for a tile from s and g = dL/dv (module docstring)."""
+    n = tl.sqrt(dot_d(s, s))
     f, e = _exp_squash_scale(n)
-    s_hat = s / tl.where(n > 0, n, 1.0)[:, None]
-    gs = f[:, None] * g + ((e - f) * tl.sum(s_hat * g, axis=1))[:, None] * s_hat
-    tl.store(gs_ptr + offs, gs, mask=mask)
+    s_hat = s / expand(tl.where(n > 0, n, 1.0))
+    return expand(f) * g + expand((e - f) * dot_d(s_hat, g)) * s_hat
+
+
+@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "MODE",
+                                                              "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
+@triton.jit
+def self_attention_pass_kernel(
+    u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
+    W_ptr,            # (I, DIN, J, D) transform matrices, kernel layout (FUSED) - else unused
+    uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED) - else unused
+    bias_ptr,         # (I, J) coupling bias added after the softmax (MODE_FORWARD, HAS_BIAS)
+    Q_ptr,            # (B, J, D) fp32 query S / sqrt(D): MODE_SUM writes it, the other modes read it
+    s_ptr,            # (B, J, D) fp32: MODE_FORWARD writes s, MODE_BACKWARD reads it
+    gs_ptr,           # (B, J, D) fp32, MODE_BACKWARD out: dL/ds (stored by chunk 0)
+    R_ptr,            # (B, J, D) fp32, MODE_BACKWARD out: R = sum_k ga_k u_k / sqrt(D)
+    v_ptr,            # (B, J, D) MODE_FORWARD out, input dtype: v; MODE_BACKWARD in, any float dtype: dL/dv
+    part_ptr,         # (n_chunks, B, J, D) fp32 scratch: chunk partial sums (n_chunks > 1)
+    count_ptr,        # (>= batch blocks,) int32 arrival counters, 0 on entry and on exit (n_chunks > 1)
+    B, I,             # batch, input capsules
+    caps_per_chunk,   # input capsules per program along grid axis 1
+    n_chunks,         # programs along grid axis 1
+    scale,            # 1 / sqrt(D)
+    B_BUCKET,         # autotune key: batch rounded up to a power of two
+    J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
+    MODE: tl.constexpr,        # MODE_SUM (S), MODE_FORWARD (s, v) or MODE_BACKWARD (gs, R)
+    HAS_BIAS: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
+):
+    b_offs, b_mask, jd, jd_mask, bjd, mask, zero_b = sample_block(B, J, D, BLOCK_B, BJ, BDH, BDL)
+    chunk = tl.program_id(1)
+    Q = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
+    gs = Q
+    if MODE != 0:
+        Q = tl.load(Q_ptr + bjd, mask=mask, other=0.0)
+    if MODE == 2:
+        s = tl.load(s_ptr + bjd, mask=mask, other=0.0)
+        gs = _exp_squash_grad(s, tl.load(v_ptr + bjd, mask=mask, other=0.0).to(tl.float32))
+        if chunk == 0:  # for the final pass
+            tl.store(gs_ptr + bjd, gs, mask=mask)
+    i_start = chunk * caps_per_chunk
+    acc = stream_capsules(u_ptr, W_ptr, uhat_ptr, bias_ptr, b_offs, b_mask, jd, mask, zero_b, Q, gs, i_start,
+                          tl.minimum(i_start + caps_per_chunk, I), I, MODE, HAS_BIAS, FUSED, J, D, DIN, BLOCK_B, BJ,
+                          BDH, BDL)
+    acc, finish = finish_chunks(acc, part_ptr, count_ptr, chunk, n_chunks, B * (J * D), bjd, mask)
+    if finish:
+        if MODE == 0:
+            tl.store(Q_ptr + bjd, acc * scale, mask=mask)
+        elif MODE == 1:  # acc = s: v = f(|s|) s
+            tl.store(s_ptr + bjd, acc, mask=mask)
+            f = _exp_squash_scale(tl.sqrt(dot_d(acc, acc)))[0]
+            tl.store(v_ptr + bjd, (expand(f) * acc).to(v_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(R_ptr + bjd, acc * scale, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _forward(src, W, bias):
-    plan = Plan(src, W)
-    scale = 1.0 / math.sqrt(plan.D)
-    part = plan.stats(plan.n_chunks)
-    Q, s = plan.stats(), plan.stats()
-    plan.pass_(MODE_SUM, src, W, None, None, None, part)
-    plan.reduce(part, Q, scale)
-    plan.pass_(MODE_FORWARD, src, W, Q, None, bias, part)
-    v = empty(plan.B, plan.J, plan.D, dtype=src.dtype, device=plan.device)
-    exp_squash_fwd_finish_kernel[(plan.B,)](part, plan.n_chunks, s, v, plan.B, plan.J, plan.D, **plan.dims)
-    return v, Q, s
+def _setup(src, W):
+    u, u_hat = (src, None) if W is not None else (None, src)
+    shape = sizes(u, W, u_hat)
+    p = plan(*shape, target_programs(src.device))
+    B, _, J, D, _ = shape
+    f32 = torch.float32
+    part = empty(p.n_chunks, B, J, D, dtype=f32, device=src.device) if p.n_chunks > 1 else src
+    count = torch.zeros(p.count_len, dtype=torch.int32, device=src.device) if p.n_chunks > 1 else src
+    return shape, p, part, count
 
 
-def _backward(src, W, bias, Q, s, grad_v):
-    plan = Plan(src, W)
-    gs, R = plan.stats(), plan.stats()
-    exp_squash_bwd_kernel[(plan.B,)](s, grad_v.contiguous(), gs, plan.B, plan.J, plan.D, **plan.dims)
-    part = plan.stats(plan.n_chunks)
-    plan.pass_(MODE_BACKWARD, src, W, Q, gs, None, part)
-    plan.reduce(part, R, 1.0 / math.sqrt(plan.D))
-    grad_src, grad_W_part, grad_bias_part = plan.grad(src, W, Q[None], gs[None], R, bias, src.dtype)
-    grad_W = sum_partials(grad_W_part, W.dtype) if W is not None else None
-    grad_bias = sum_partials(grad_bias_part, bias.dtype) if bias is not None else None
-    return grad_src, grad_W, grad_bias
+def _pass(mode: int, src, W, bias, Q, s, gs, R, v, part, count, shape, p) -> None:
+    B, I, J, D, DIN = shape
+    fused = W is not None
+    ins = (src, W, src) if fused else (src, src, src)
+    key = (self_attention_pass_kernel, src.device, src.dtype, p.key, fused, mode, bias is not None)
+    launch(self_attention_pass_kernel, pass_grid(B, p.n_chunks), key, *ins, bias if bias is not None else Q, Q, s,
+           gs, R, v, part, count, B, I, p.caps_per_chunk, p.n_chunks, 1.0 / math.sqrt(D), batch_bucket(B), J=J, D=D,
+           DIN=DIN, MODE=mode, HAS_BIAS=bias is not None, FUSED=fused, **p.dims)
 
 
 def self_attention_routing_fwd(src: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None):
-    """src = u_hat (B, I, J, D) with W None, or u (B, I, Din) with W (I, J, D, Din) (fused: u_hat
-    is never stored); bias (I, J) or None; all contiguous -> (v (B, J, D), Q, s (B, J, D) fp32)."""
+    """src = u_hat (B, I, J, D) with W None, or u (B, I, Din) with W (I, Din, J, D) (the kernel
+    layout; fused: u_hat is never stored); bias (I, J) or None; all contiguous -> (v (B, J, D),
+    Q, s (B, J, D) fp32)."""
     with on_device(src):
-        return _forward(src, W, bias)
+        use_tuned_configs()
+        shape, p, part, count = _setup(src, W)
+        B, _, J, D, _ = shape
+        Q = empty(B, J, D, dtype=torch.float32, device=src.device)
+        s = empty(B, J, D, dtype=torch.float32, device=src.device)
+        v = empty(B, J, D, dtype=src.dtype, device=src.device)
+        _pass(MODE_SUM, src, W, None, Q, s, Q, Q, v, part, count, shape, p)
+        _pass(MODE_FORWARD, src, W, bias, Q, s, Q, Q, v, part, count, shape, p)
+        return v, Q, s
 
 
 def self_attention_routing_bwd(src, W, bias, Q, s, grad_v):
-    """(dL/dsrc, dL/dW or None, dL/dbias or None) from the saved Q, s and dL/dv."""
+    """(dL/dsrc, dL/dW or None, dL/dbias or None) from the saved Q, s and dL/dv (W, dL/dW in the
+    kernel layout)."""
     with on_device(src):
-        return _backward(src, W, bias, Q, s, grad_v)
-
-
-# ----------------------------------------------------------------------------------------------
-# compile check (kernels/compile_check.py): the paper's DigitCaps shape (J = 10 -> BJ = 16, D = 16)
-# ----------------------------------------------------------------------------------------------
-def _compile_cases():
-    dtypes = ("fp32", "fp16", "bf16")
-    modes = [(MODE_SUM, False), (MODE_FORWARD, False), (MODE_FORWARD, True), (MODE_BACKWARD, False)]
-    cases = pass_compile_cases("self_attention", dtypes, modes)
-    f32 = "*fp32"
-    for dtype in dtypes:
-        cases.append(finish_compile_case(f"self_attention_fwd_finish[{dtype}]", exp_squash_fwd_finish_kernel,
-                                         {"part_ptr": f32, "n_chunks": "i32", "s_ptr": f32, "v_ptr": f"*{dtype}"}))
-        cases.append(finish_compile_case(f"self_attention_squash_bwd[{dtype}]", exp_squash_bwd_kernel,
-                                         {"s_ptr": f32, "grad_v_ptr": f"*{dtype}", "gs_ptr": f32}))
-    cases.append(finish_compile_case("attention_scaled_sum_finish", scaled_sum_finish_kernel,
-                                     {"part_ptr": f32, "n_chunks": "i32", "out_ptr": f32, "scale": "fp32"}))
-    return cases
-
-
-COMPILE_CASES = _compile_cases()
+        shape, p, part, count = _setup(src, W)
+        B, _, J, D, _ = shape
+        gs = empty(B, J, D, dtype=torch.float32, device=src.device)
+        R = empty(B, J, D, dtype=torch.float32, device=src.device)
+        _pass(MODE_BACKWARD, src, W, None, Q, s, gs, R, grad_v.contiguous(), part, count, shape, p)
+        return final_grad(p, src, W, Q, gs, 1, uniform_first=False, R=R, bias=bias)

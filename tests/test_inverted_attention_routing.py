@@ -7,6 +7,7 @@ import torch
 import capstriton as ct
 from attention_cases import DTYPES, SHAPES, assert_matches_ref64, count_launches, ref64, transform_inputs
 from capstriton.reference import caps_transform_ref, inverted_attention_routing_ref
+from capstriton.transform_route import kernel_layout_weight
 from tolerances import FORWARD, GRADIENT, assert_close
 
 
@@ -47,10 +48,13 @@ def test_iterations_and_affine(iterations, affine):
 def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several
     weight-gradient batch groups (B = 70): the reference's results, bitwise repeatable."""
-    from capstriton.kernels import _attention
-    monkeypatch.setattr(_attention, "target_programs", lambda device: programs)
+    from capstriton.kernels import _streaming, inverted_attention_routing as kmod
+    monkeypatch.setattr(kmod, "target_programs", lambda device: programs)
     shape = (70, 37, 4, 5, 3)
+    p = _streaming.plan(*shape, programs)
+    assert (p.n_chunks > 1, p.n_groups > 1) == ((True, True) if programs > 1 else (False, False))
     _check(True, shape, torch.float32, 3)
+    _check(False, shape, torch.float32, 3)
     u, W, _, grad_v = transform_inputs(shape, torch.float32)
     weight, bias = _affine(5, torch.float32)
     run = lambda: torch.autograd.grad(ct.transform_inverted_attention_routing(u, W, 3, weight, bias),  # noqa: E731
@@ -71,24 +75,30 @@ def test_one_affine_parameter_alone():
 
 
 def test_triton_path_launches_kernels(monkeypatch):
-    from capstriton.kernels import _attention, inverted_attention_routing as kmod
-    calls = count_launches(monkeypatch, {
-        _attention: ["attention_pass_kernel", "attention_grad_kernel"],
-        kmod: ["layer_norm_fwd_finish_kernel", "layer_norm_bwd_finish_kernel"]})
+    from capstriton.kernels import _streaming, inverted_attention_routing as kmod
+    calls = count_launches(monkeypatch, {kmod: ["inverted_attention_pass_kernel", "inverted_attention_bwd_init_kernel"],
+                                         _streaming: ["stream_grad_fused_kernel"]})
     u, W, _, grad_v = transform_inputs((3, 4, 2, 3, 2), torch.float32)
     weight, bias = _affine(3, torch.float32)
     p = ct.transform_inverted_attention_routing(u, W, 3, weight, bias, backend="auto")  # triton (interpreter)
     torch.autograd.grad(p, (u, W, weight, bias), grad_v)
-    # forward: 3 passes + 3 finishes; backward: 2 reduction passes + 3 finishes + 1 final pass
-    assert calls == {"attention_pass_kernel": 5, "layer_norm_fwd_finish_kernel": 3,
-                     "layer_norm_bwd_finish_kernel": 3, "attention_grad_kernel": 1}
+    # forward: 3 passes (each finishing itself); backward: 2 reduction passes (the first forms
+    # gs^{r-1} from dL/dp) and the final pass
+    assert calls == {"inverted_attention_pass_kernel": 5, "stream_grad_fused_kernel": 1}
+    calls.clear()
+    p = ct.transform_inverted_attention_routing(u, W, 1, weight, bias, backend="auto")
+    torch.autograd.grad(p, (u, W, weight, bias), grad_v)
+    # one iteration: no reduction pass, so gs^0 gets its own small kernel
+    assert calls == {"inverted_attention_pass_kernel": 1, "inverted_attention_bwd_init_kernel": 1,
+                     "stream_grad_fused_kernel": 1}
 
 
 def test_opcheck():
     u, W, u_hat, _ = transform_inputs((3, 5, 3, 6, 4), torch.float32)
     weight, bias = _affine(6, torch.float32)
     op = torch.ops.capstriton.inverted_attention_routing.default
-    for args in ((u, W, 2, weight, bias, 1e-5), (u, W, 1, None, None, 1e-5), (u_hat, None, 3, weight, bias, 1e-3)):
+    W_k = kernel_layout_weight(W)
+    for args in ((u, W_k, 2, weight, bias, 1e-5), (u, W_k, 1, None, None, 1e-5), (u_hat, None, 3, weight, bias, 1e-3)):
         torch.library.opcheck(op, args)
 
 

@@ -6,6 +6,7 @@ import torch
 import capstriton as ct
 from attention_cases import DTYPES, SHAPES, assert_matches_ref64, count_launches, ref64, transform_inputs
 from capstriton.reference import caps_transform_ref, exp_squash_ref, self_attention_routing_ref
+from capstriton.transform_route import kernel_layout_weight
 from tolerances import GRADIENT, assert_close
 
 
@@ -41,10 +42,13 @@ def test_matches_reference(shape, fused, with_bias, dtype):
 def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several
     weight-gradient batch groups (B = 70): the reference's results, bitwise repeatable."""
-    from capstriton.kernels import _attention
-    monkeypatch.setattr(_attention, "target_programs", lambda device: programs)
+    from capstriton.kernels import _streaming, self_attention_routing as kmod
+    monkeypatch.setattr(kmod, "target_programs", lambda device: programs)
     shape = (70, 37, 4, 5, 3)
+    p = _streaming.plan(*shape[:3], shape[3], shape[4], programs)
+    assert (p.n_chunks > 1, p.n_groups > 1) == ((True, True) if programs > 1 else (False, False))
     _check(True, shape, torch.float32, True)
+    _check(False, shape, torch.float32, True)
     u, W, _, grad_v = transform_inputs(shape, torch.float32)
     bias = _bias(shape, torch.float32)
     g1 = torch.autograd.grad(ct.transform_self_attention_routing(u, W, bias), (W, bias), grad_v)
@@ -68,24 +72,24 @@ def test_squash_is_finite_at_zero():
 
 
 def test_triton_path_launches_kernels(monkeypatch):
-    from capstriton.kernels import _attention, self_attention_routing as kmod
-    calls = count_launches(monkeypatch, {
-        _attention: ["attention_pass_kernel", "scaled_sum_finish_kernel", "attention_grad_kernel"],
-        kmod: ["exp_squash_fwd_finish_kernel", "exp_squash_bwd_kernel"]})
+    from capstriton.kernels import _streaming, self_attention_routing as kmod
+    calls = count_launches(monkeypatch, {kmod: ["self_attention_pass_kernel"],
+                                         _streaming: ["stream_grad_fused_kernel"]})
     u, W, _, grad_v = transform_inputs((3, 4, 2, 3, 2), torch.float32)
     bias = torch.randn(4, 2, requires_grad=True)
     v = ct.transform_self_attention_routing(u, W, bias, backend="auto")  # auto -> triton (interpreter)
     torch.autograd.grad(v, (u, W, bias), grad_v)
-    # forward: the S and s passes; backward: the reduction for R and the final pass
-    assert calls == {"attention_pass_kernel": 3, "scaled_sum_finish_kernel": 2, "attention_grad_kernel": 1,
-                     "exp_squash_fwd_finish_kernel": 1, "exp_squash_bwd_kernel": 1}
+    # forward: the S and s passes (each finishing itself); backward: the reduction for R (forming
+    # dL/ds itself) and the final pass
+    assert calls == {"self_attention_pass_kernel": 3, "stream_grad_fused_kernel": 1}
 
 
 def test_opcheck():
     u, W, u_hat, _ = transform_inputs((3, 5, 3, 6, 4), torch.float32)
     bias = torch.randn(5, 3, requires_grad=True)
     op = torch.ops.capstriton.self_attention_routing.default
-    for args in ((u, W, bias), (u, W, None), (u_hat, None, bias), (u_hat, None, None)):
+    W_k = kernel_layout_weight(W)
+    for args in ((u, W_k, bias), (u, W_k, None), (u_hat, None, bias), (u_hat, None, None)):
         torch.library.opcheck(op, args)
 
 

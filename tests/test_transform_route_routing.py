@@ -37,6 +37,35 @@ def test_couplings_reproduce_the_output(routing):
         torch.testing.assert_close(c.sum(dim=2), torch.ones(3, 7, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("routing,iterations", [("dynamic", 1), ("dynamic", 3), ("self-attention", None),
+                                                ("inverted-attention", 1), ("inverted-attention", 3)])
+def test_triton_couplings_come_from_the_kernels(routing, iterations, monkeypatch):
+    """On the triton backend c comes from the couplings kernel (u_hat never materialized, one
+    launch), matches the float64 reference's couplings, does not require grad, and v stays
+    differentiable."""
+    from capstriton.couplings import routing_couplings
+    from capstriton.kernels import couplings as kmod
+    from tolerances import FORWARD, assert_close
+
+    launches = []
+    original = kmod.couplings_kernel.run
+    monkeypatch.setattr(kmod.couplings_kernel, "run", lambda *a, **k: launches.append(1) or original(*a, **k))
+    u64, W64 = _inputs()
+    u, W = u64.float().requires_grad_(), W64.float().requires_grad_()
+    kw = {"iterations": iterations} if iterations is not None else {}
+    if routing == "self-attention":
+        kw["bias"] = 0.1 * torch.randn(7, 5)
+    if routing == "inverted-attention":
+        kw.update(weight=1 + 0.2 * torch.randn(6), bias=0.2 * torch.randn(6))
+    v, c = ct.transform_route(u, W, routing=routing, backend="triton", return_coupling=True, **kw)
+    assert launches == [1] and not c.requires_grad and c.dtype == torch.float32
+    kw64 = {k: t.double() if torch.is_tensor(t) else t for k, t in kw.items()}
+    r = kw64.pop("iterations", 1)
+    c64 = routing_couplings(u64, W64, routing, r, kw64.get("bias"), kw64.get("weight"))
+    assert_close(c, c64, FORWARD[torch.float32], f"couplings of {routing}")
+    torch.autograd.grad(v.square().sum(), (u, W))
+
+
 def test_arguments_foreign_to_the_algorithm_are_rejected():
     u, W = _inputs()
     with pytest.raises(ValueError, match=r"routing='self-attention' takes \['bias'\], got \['detach', 'iterations'\]"):

@@ -1,0 +1,165 @@
+"""Coupling coefficients of a routing iteration from its state, for analysis (no backward).
+
+Every routing algorithm forms its couplings from the prediction vectors u_hat (B, I, J, D) and a
+per-sample fp32 state Q (B, J, D) (dynamic routing: P = v^1 + ... + v^{r-1}; attention: a
+query that already holds the 1/sqrt(D) scale):
+
+    c_ij = softmax_j(u_hat_ij . Q_j) (+ bias_ij)      (uniform 1/J when there is no state)
+
+`couplings_kernel` writes c (B, I, J).  FUSED: u_hat[b, i, j, :] = sum_k u[b, i, k] W[i, j, :, k]
+is recomputed from u (B, I, Din) and W in the kernel layout (I, Din, J, D), so it never exists;
+otherwise u_hat is read.  Tiles hold one D-vector per thread (kernels/_capsule_tiles.py): the
+dot products over D are thread-local, the softmax over j is a few shuffles inside a warp.
+Grid: (batch blocks, capsule chunks); every (sample, capsule) row of c is written by exactly
+one program, so there is no scratch memory and no reduction across programs.
+
+fp32 math; inputs fp32, fp16 or bf16; c is stored in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._capsule_tiles import dot_d, prediction_tile, softmax_j, tile_dims, tile_offsets
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, on_device, \
+    target_programs
+
+
+def _config(block_b: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_B": block_b}, num_warps=warps, num_stages=1)
+
+
+# First config = default (the interpreter and the test suite run only it): at the paper's width
+# (J = 10 -> BJ = 16) one sample per lane group (2 samples x 16 capsules per warp, 4 warps), no
+# shared memory or barrier (`python -m capstriton.kernels.compile_check --only couplings`).  Two
+# samples per thread convert c's layout through shared memory before the store; (4, 4) is the
+# one-sample-per-thread block at J = 32.
+COUPLING_CONFIGS = [_config(8, 4), _config(4, 2), _config(2, 1), _config(16, 8), _config(4, 4), _config(16, 4),
+                    _config(32, 8)]
+MAX_PER_THREAD = 32  # fp32 values of one (BDH, BLOCK_B, BJ, BDL) tile per thread
+
+
+def _per_thread(config: triton.Config, BJ: int, BD: int) -> float:
+    return config.kwargs["BLOCK_B"] * BJ * BD / (32 * config.num_warps)
+
+
+def prune_coupling_configs(configs, named_args, **kwargs):
+    """early_config_prune: configs whose tile holds at most MAX_PER_THREAD values per thread (the
+    kernel keeps two tiles, u_hat and Q); if none, the one with the smallest tile."""
+    BJ, BD = kwargs["BJ"], kwargs["BDH"] * kwargs["BDL"]
+    kept = [c for c in configs if _per_thread(c, BJ, BD) <= MAX_PER_THREAD]
+    return kept or [min(configs, key=lambda c: _per_thread(c, BJ, BD))]
+
+
+@triton.jit
+def _bias_row(bias_ptr, i, b_offs, J: tl.constexpr, BJ: tl.constexpr):
+    """bias[i, :] (I, J) as a (BLOCK_B, BJ) fp32 tile (the same row for every sample)."""
+    jj = tl.arange(0, BJ)[None, :] + (b_offs * 0)[:, None]
+    return tl.load(bias_ptr + i * J + jj, mask=jj < J, other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=autotune_configs(COUPLING_CONFIGS),
+                 key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "HAS_STATE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_coupling_configs}, **autotune_cache_kwargs())
+@triton.jit
+def couplings_kernel(
+    u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
+    W_ptr,            # (I, DIN, J, D) transform matrices, kernel layout (FUSED) - else unused
+    uhat_ptr,         # (B, I, J, D) prediction vectors (HAS_STATE, not FUSED) - else unused
+    Q_ptr,            # (B, J, D) fp32 state (HAS_STATE): logits u_hat_ij . Q_j - else unused
+    bias_ptr,         # (I, J) added after the softmax (HAS_BIAS) - else unused
+    c_ptr,            # (B, I, J) out, input dtype: the couplings
+    B, I,             # batch, input capsules
+    caps_per_chunk,   # input capsules per program along grid axis 1
+    B_BUCKET,         # autotune key: batch rounded up to a power of two
+    J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
+    FUSED: tl.constexpr,      # recompute u_hat = W u (else read u_hat)
+    HAS_STATE: tl.constexpr,  # False: uniform couplings 1/J (u_hat is not read)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
+):
+    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b_offs < B
+    jd, _, bjd, mask, zero_b = tile_offsets(b_offs, B, J, D, BJ, BDH, BDL)
+    jj = tl.arange(0, BJ)
+    c_row = c_ptr + (b_offs * I)[:, None] * J + jj[None, :]  # (BLOCK_B, BJ) pointers to c[b, 0, j]
+    c_mask = b_mask[:, None] & (jj < J)[None, :]
+    if HAS_STATE:
+        Q = tl.load(Q_ptr + bjd, mask=mask, other=0.0)  # loaded once, reused for every capsule
+    i_start = tl.program_id(1) * caps_per_chunk
+    for i in range(i_start, tl.minimum(i_start + caps_per_chunk, I)):
+        if HAS_STATE:
+            uhat = prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, jd, mask, zero_b, FUSED, J, D, DIN)
+            c = softmax_j(dot_d(uhat, Q), J, BJ)
+        else:
+            c = tl.full((BLOCK_B, BJ), 1.0 / J, tl.float32)
+        if HAS_BIAS:
+            c += _bias_row(bias_ptr, i, b_offs, J, BJ)
+        tl.store(c_row + i * J, c.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _chunks(B: int, I: int, target: int) -> tuple[int, int]:
+    """(capsule chunks, capsules per chunk): enough (batch blocks x chunks) programs for target."""
+    batch_blocks = cdiv(B, COUPLING_CONFIGS[0].kwargs["BLOCK_B"])
+    caps = cdiv(I, max(1, min(I, cdiv(target, batch_blocks))))
+    return cdiv(I, caps), caps
+
+
+def routing_couplings_fwd(src: torch.Tensor, W_k: torch.Tensor | None, state: torch.Tensor | None,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """c (B, I, J) in src's dtype: softmax_j(u_hat_ij . state_j) (+ bias_ij), or 1/J (+ bias_ij)
+    when state is None.  src = u (B, I, Din) with W_k (I, Din, J, D) (u_hat recomputed), or
+    u_hat (B, I, J, D) with W_k None; state (B, J, D) fp32; bias (I, J).  Contiguous inputs."""
+    fused = W_k is not None
+    if fused:
+        (B, I, DIN), J, D = src.shape, W_k.shape[2], W_k.shape[3]
+    else:
+        (B, I, J, D), DIN = src.shape, 1
+    has_state, has_bias = state is not None, bias is not None
+    fused = fused and has_state  # without a state u_hat is never needed: one kernel variant
+    DIN = DIN if fused else 1
+    dev = src.device
+    with on_device(src):
+        c = empty(B, I, J, dtype=src.dtype, device=dev)
+        n_chunks, caps = _chunks(B, I, target_programs(dev))
+        key = (couplings_kernel, dev, src.dtype, bias.dtype if has_bias else None, batch_bucket(B), I, J, D, DIN,
+               fused, has_state, has_bias)
+        unused = src  # any tensor: the kernel never reads a pointer its flags switch off
+        launch(couplings_kernel, lambda meta: (cdiv(B, meta["BLOCK_B"]), n_chunks), key,
+               src if fused else unused, W_k if fused else unused, unused if fused else src,
+               state if has_state else unused, bias if has_bias else unused, c, B, I, caps, batch_bucket(B),
+               J=J, D=D, DIN=DIN, FUSED=fused, HAS_STATE=has_state, HAS_BIAS=has_bias,
+               **tile_dims(J, D))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# compile-check cases (python -m capstriton.kernels.compile_check)
+# ----------------------------------------------------------------------------------------------
+def _compile_cases() -> list[dict]:
+    """Paper shape J = 10, D = 16, Din = 8 (fp32, fp16: every kept config; bf16: the default) and
+    J = 32 (fp32: every kept config); fused and unfused, with and without state and bias."""
+    cases = []
+    for J, D, din, dtypes in ((10, 16, 8, ("fp32", "fp16", "bf16")), (32, 16, 8, ("fp32",))):
+        dims = tile_dims(J, D)
+        kept = prune_coupling_configs(COUPLING_CONFIGS, {}, **dims)
+        for dtype in dtypes:
+            src = f"*{dtype}"
+            sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "Q_ptr": "*fp32", "bias_ptr": src, "c_ptr": src,
+                   "B": "i32", "I": "i32", "caps_per_chunk": "i32", "B_BUCKET": "i32"}
+            variants = [(fused, True, bias) for fused in (True, False) for bias in (True, False)] \
+                + [(False, False, bias) for bias in (True, False)]
+            for fused, has_state, has_bias in variants:
+                configs = kept if dtype != "bf16" and has_state else kept[:1]
+                for cfg in configs:
+                    what = (f"fused={fused}" if has_state else "uniform") + f",bias={has_bias}"
+                    cases.append({
+                        "name": f"couplings[{dtype},J={J},{what}]", "fn": couplings_kernel.fn, "signature": sig,
+                        "constexprs": {"J": J, "D": D, "DIN": din if fused else 1, "FUSED": fused,
+                                       "HAS_STATE": has_state, "HAS_BIAS": has_bias, **dims, **cfg.kwargs},
+                        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "default": cfg is kept[0]})
+    return cases
+
+
+COMPILE_CASES = _compile_cases()
