@@ -1,50 +1,92 @@
-"""DigitCaps benchmark: transform + dynamic routing, forward / backward / forward+backward.
+"""DigitCaps benchmark: transform + routing (dynamic, self-attention, inverted dot-product
+attention), forward / backward / forward+backward.
 
     python benchmarks/bench_digitcaps.py                 # CUDA: writes docs/benchmarks/digitcaps_<card>_<dtype>.*
+    python benchmarks/bench_digitcaps.py --routings self-attention --batch-sizes 128
     python benchmarks/bench_digitcaps.py --smoke --out /tmp/bench   # CPU, Triton interpreter, tiny shapes
 
-Providers (u (B, I, Din), W (I, J, Dout, Din) -> v (B, J, Dout)):
-    fused     ct.transform_route(u, W, backend="triton")           u_hat never materialized
-    unfused   ct.dynamic_routing(ct.caps_transform(u, W, backend="triton"), backend="triton")
-    eager     ct.transform_route(u, W, backend="torch")            plain PyTorch reference
-    compiled  torch.compile(capstriton.reference.transform_route_ref)
+Routings (--routings, default all three; column `routing`), u (B, I, Din), W (I, J, Dout, Din) ->
+(B, J, Dout):
+    dynamic             Sabour et al. 2017, r = --iterations (3); inputs (u, W)
+    self-attention      Mazzia et al. 2021 (Efficient-CapsNet), no iterations (column 1); inputs
+                        (u, W, bias (I, J))
+    inverted-attention  Tsai et al. 2020, r = --inverted-iterations (2); inputs (u, W, LayerNorm
+                        weight (Dout,), bias (Dout,))
+Every input requires grad (the coupling bias and the LayerNorm affine are learned parameters).
 
-Work model (per shape; r routing iterations, e bytes per element; detach=False; counts per
-(b, i, j) triple, squash terms O(B J Dout r) left out):
-  USEFUL FLOPs: what a minimal unfused algorithm needs: u_hat = W u computed once, no padding,
-  the uniform first coupling (c^0 = 1/J) free.  T = 2 Din Dout (one u_hat evaluation).
+Providers (per routing; W is passed in the public (I, J, Dout, Din) layout, so every triton path
+copies it into its kernel layout (I, Din, J, Dout) once per call, as a functional caller would;
+``DigitCaps`` stores its weight in the kernel layout and skips that copy):
+    fused     ct.transform_route(u, W, routing=..., backend="triton")   u_hat never materialized
+    unfused   the routing on ct.caps_transform(u, W, backend="triton") (u_hat materialized), backend="triton"
+    eager     ct.transform_route(u, W, routing=..., backend="torch")    plain PyTorch reference
+    compiled  torch.compile of that reference (`reference(routing, r)`)
+
+Work model (per shape; r routing iterations, e bytes per element; counts per (b, i, j) triple;
+terms that do not scale with I (squash, exp-squash, LayerNorm and their gradients, the 1/J and
+1/sqrt(Dout) scalings of (B, J, Dout) states: O(B J Dout r)) left out; a multiply-add counts 2,
+a dot product over Dout 2 Dout, a softmax over j ~5 per element, its gradient ~4):
+  USEFUL FLOPs: what a minimal unfused algorithm needs: u_hat = W u computed once (and kept, with
+  the couplings, for the backward), no padding, a uniform coupling (1/J) free.  T = 2 Din Dout
+  (one u_hat evaluation); the transform is B I J T forward and 2 B I J T backward (dL/du = W^T g,
+  dL/dW = g u^T).
+  dynamic, and inverted-attention with its own r (the same per-triple work: they differ only in
+  the O(B J Dout) finishes, squash + running sum P against LayerNorm):
     forward  = T + Dout + (r - 1) (4 Dout + 5)
                [u_hat; t = 0: s = sum_i u_hat / J; t >= 1: logits u_hat . P (2 Dout), softmax (~5),
                 weighted sum (2 Dout)]
     backward = 2 T + Dout + (r - 1) (8 Dout + 4)
-               [dL/du = W^T g and dL/dW = g u^T; t = 0: g += gs / J; t >= 1: g += c gs, gc = u_hat . gs,
-                softmax gradient (~4), g += gb P, dL/dP += gb u_hat]
-  EXECUTED FLOPs: what the fused kernels (kernels/routing.py) execute: u_hat recomputed in every
-  pass, J and Dout padded to powers of two (BJ, BD: masked lanes compute too), Din padded to BDIN
-  in the weight-gradient accumulation.  Per (b, i, padded j) lane, with Te = 2 Din BD:
-    forward  = r Te + BD + (r - 1) (4 BD + 5)                    one pass per iteration
+               [dL/du, dL/dW; t = 0: g += gs / J; t >= 1: g += c gs, gc = u_hat . gs, softmax gradient
+                (~4), g += gb P, dL/dP += gb u_hat]
+  self-attention:
+    forward  = T + 5 Dout + 6
+               [u_hat; S = sum_k u_hat_k (Dout); logits u_hat . Q, Q = S / sqrt(Dout) (2 Dout);
+                softmax (~5); + bias (1); weighted sum (2 Dout)]
+    backward = 2 T + 8 Dout + 5
+               [dL/du, dL/dW; gc = u_hat . gs (2 Dout); dL/dbias = sum_b gc (1); softmax gradient
+                ga (~4); R = sum_i ga u_hat / sqrt(Dout) (2 Dout, through S); dL/du_hat = c gs + ga Q
+                + R (4 Dout)]
+  EXECUTED FLOPs: what the fused kernels (kernels/_streaming.py and the routings' pass kernels)
+  execute, counted as written in their source: u_hat recomputed in every pass, J and Dout padded
+  to powers of two (BJ, BD: masked lanes compute too), Din padded to BDIN in the weight-gradient
+  accumulation.  Per (b, i, padded j) lane, with Te = 2 Din BD:
+  dynamic and inverted-attention (the same passes: one per iteration forward; backward r - 1
+  reduction passes and the shared final gradient pass):
+    forward  = r Te + BD + (r - 1) (4 BD + 5)
     backward = (r - 1) (Te + 6 BD + 9)                           reduction passes t = r-1 .. 1
              + Te + BD + (r - 1) (8 BD + 9) + Te + 2 BDIN BD     final pass: u_hat, dL/du_hat for
                                                                  every t, dL/du, dL/dW
-  Bytes that must move (the compulsory traffic of any implementation):
-    forward  = e (B I Din + I J Dout Din + B J Dout)             read u, W; write v
-    backward = e (2 B I Din + 2 I J Dout Din + B J Dout)         read u, W, dv; write du, dW
+  self-attention (two forward passes; backward one reduction pass and the final pass):
+    forward  = (Te + BD) + (Te + 4 BD + 6)                       S pass; s pass (logits, softmax,
+                                                                 + bias, weighted sum)
+    backward = (Te + 6 BD + 9)                                   reduction pass for R
+             + Te + BD + (8 BD + 9) + BD + (4 BD + 1) + Te + 2 BDIN BD
+               [final pass: u_hat; dL/du_hat zero-initialised (a multiply), its one iteration,
+                + R, + bias gs and dL/dbias += u_hat . gs (recomputed as written); dL/du; dL/dW]
+  Bytes that must move (the compulsory traffic of any implementation; saved statistics left out):
+    forward  = e (B I Din + I J Dout Din + B J Dout + F)         read u, W, params; write v
+    backward = e (2 B I Din + 2 I J Dout Din + B J Dout + G)     read u, W, dv (+ params); write du, dW
+                                                                 (+ their gradients)
+    with F = G = 0 (dynamic); F = I J, G = 2 I J (self-attention: bias read forward and backward,
+    dL/dbias written); F = 2 Dout, G = 3 Dout (inverted-attention: weight and bias read forward;
+    weight read, dL/dweight and dL/dbias written backward)
     full     = forward + backward (also for the FLOPs)
   Floors: compute = USEFUL FLOPs / peak fp32 FLOP/s, memory = bytes / peak DRAM bandwidth (peaks
   from harness.PEAKS by device name); roofline_fraction = max(floors) / measured time, i.e.
   against useful work.  TFLOP/s columns: useful (tflops) and executed (executed_tflops) per time.
-The same counts are used for every provider, so TFLOP/s and GB/s compare providers on the same
-work; the unfused and eager paths also move the B I J Dout tensor u_hat.
+The same counts are used for every provider of a routing, so TFLOP/s and GB/s compare providers
+on the same work; the unfused and eager paths also move the B I J Dout tensor u_hat.
+tests/test_benchmarks.py checks the useful counts against a counted minimal implementation.
 
-Host overhead (--host-overhead): at the fixed tiny shape B=2, I=4, J=2, Dout=2, Din=2 (r=3),
-host microseconds per fused forward+backward with every Triton kernel launch stubbed out
-(harness.stubbed_triton_launches: no kernel runs, so it works on a CPU without a GPU and
+Host overhead (--host-overhead; dynamic routing only): at the fixed tiny shape B=2, I=4, J=2,
+Dout=2, Din=2 (r=3), host microseconds per fused forward+backward with every Triton kernel launch
+stubbed out (harness.stubbed_triton_launches: no kernel runs, so it works on a CPU without a GPU and
 without the interpreter), next to the host time of the plain-PyTorch reference's forward+
 backward of the same problem, their ratio, and the kernel launches per fused forward+backward
 (Triton launches counted by the stub, plus torch ops that run a kernel, from the profiler).
 
-Whole model: CapsNet training images/second (forward, margin + 0.0005 reconstruction loss,
-backward, Adam step) with backend="triton" and backend="torch".
+Whole model (dynamic routing): CapsNet training images/second (forward, margin + 0.0005
+reconstruction loss, backward, Adam step) with backend="triton" and backend="torch".
 """
 from __future__ import annotations
 
@@ -65,6 +107,7 @@ LARGE = dict(I=4608, Din=8, J=32, Dout=16)
 SMOKE_SHAPES = [dict(B=2, I=12, Din=8, J=3, Dout=4), dict(B=3, I=20, Din=8, J=5, Dout=8)]
 SMOKE_MODEL = dict(image_size=20, conv_channels=16, primary_caps=4, primary_dim=8, num_classes=3, digit_dim=4)
 PROVIDERS = ("fused", "unfused", "eager", "compiled")
+ROUTINGS = ("dynamic", "self-attention", "inverted-attention")
 
 
 def parse_args(argv=None):
@@ -73,7 +116,9 @@ def parse_args(argv=None):
                    help="CPU run under the Triton interpreter at tiny sizes (checks the code paths)")
     p.add_argument("--out", default=None, help="output directory (default: docs/benchmarks; a temp dir with --smoke)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--iterations", type=int, default=3, help="routing iterations")
+    p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS, help="routing algorithms")
+    p.add_argument("--iterations", type=int, default=3, help="dynamic routing iterations")
+    p.add_argument("--inverted-iterations", type=int, default=2, help="inverted-attention routing iterations")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512], help="batches at the paper shape")
     p.add_argument("--large-batch", type=int, default=128, help="batch of the large shape (0: skip it)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
@@ -91,43 +136,118 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def useful_flops(shape: dict, mode: str, r: int) -> float:
-    """FLOPs of the minimal unfused algorithm (module docstring)."""
-    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
-    T = 2 * Din * Dout
-    fwd = T + Dout + (r - 1) * (4 * Dout + 5)
-    bwd = 2 * T + Dout + (r - 1) * (8 * Dout + 4)
-    return float(B * I * J * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
+def _check_routing(routing: str) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
-def executed_flops(shape: dict, mode: str, r: int) -> float:
-    """FLOPs the fused kernels execute: recomputation and power-of-two padding (module docstring)."""
-    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
-    BJ, BD, BDIN = (1 << max(n - 1, 0).bit_length() for n in (J, Dout, Din))
-    Te = 2 * Din * BD
-    fwd = r * Te + BD + (r - 1) * (4 * BD + 5)
-    bwd = (r - 1) * (Te + 6 * BD + 9) + Te + BD + (r - 1) * (8 * BD + 9) + Te + 2 * BDIN * BD
-    return float(B * I * BJ * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
-
-
-def compulsory_bytes(shape: dict, mode: str, elem_bytes: int) -> float:
-    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
-    fwd = elem_bytes * (B * I * Din + I * J * Dout * Din + B * J * Dout)
-    bwd = elem_bytes * (2 * B * I * Din + 2 * I * J * Dout * Din + B * J * Dout)
+def _by_mode(fwd: float, bwd: float, mode: str) -> float:
     return float({"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
 
 
-def digitcaps_cost(shape: dict, mode: str, r: int, elem_bytes: int) -> tuple[float, float, float]:
+def transform_flops(shape: dict, mode: str) -> float:
+    """The transform's share of useful_flops: u_hat = W u once forward (2 Din Dout per (b, i, j)),
+    dL/du = W^T g and dL/dW = g u^T backward (twice that); the same for every routing."""
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    T = 2 * Din * Dout
+    return _by_mode(B * I * J * T, B * I * J * 2 * T, mode)
+
+
+def useful_flops(shape: dict, mode: str, r: int, routing: str = "dynamic") -> float:
+    """FLOPs of the minimal unfused algorithm (module docstring); r is ignored for self-attention."""
+    _check_routing(routing)
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    T = 2 * Din * Dout
+    if routing == "self-attention":
+        fwd = T + 5 * Dout + 6
+        bwd = 2 * T + 8 * Dout + 5
+    else:  # dynamic, inverted-attention: the same per-triple work
+        fwd = T + Dout + (r - 1) * (4 * Dout + 5)
+        bwd = 2 * T + Dout + (r - 1) * (8 * Dout + 4)
+    return B * I * J * _by_mode(fwd, bwd, mode)
+
+
+def executed_flops(shape: dict, mode: str, r: int, routing: str = "dynamic") -> float:
+    """FLOPs the fused kernels execute: recomputation and power-of-two padding (module docstring)."""
+    _check_routing(routing)
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    BJ, BD, BDIN = (1 << max(n - 1, 0).bit_length() for n in (J, Dout, Din))
+    Te = 2 * Din * BD
+    reduction_pass = Te + 6 * BD + 9
+    if routing == "self-attention":
+        fwd = (Te + BD) + (Te + 4 * BD + 6)
+        bwd = reduction_pass + Te + BD + (8 * BD + 9) + BD + (4 * BD + 1) + Te + 2 * BDIN * BD
+    else:  # dynamic, inverted-attention: the same passes
+        fwd = r * Te + BD + (r - 1) * (4 * BD + 5)
+        bwd = (r - 1) * reduction_pass + Te + BD + (r - 1) * (8 * BD + 9) + Te + 2 * BDIN * BD
+    return B * I * BJ * _by_mode(fwd, bwd, mode)
+
+
+def compulsory_bytes(shape: dict, mode: str, elem_bytes: int, routing: str = "dynamic") -> float:
+    """Bytes any implementation must move (module docstring): inputs, outputs, parameters."""
+    _check_routing(routing)
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    params_fwd, params_bwd = {"dynamic": (0, 0), "self-attention": (I * J, 2 * I * J),
+                              "inverted-attention": (2 * Dout, 3 * Dout)}[routing]
+    fwd = elem_bytes * (B * I * Din + I * J * Dout * Din + B * J * Dout + params_fwd)
+    bwd = elem_bytes * (2 * B * I * Din + 2 * I * J * Dout * Din + B * J * Dout + params_bwd)
+    return _by_mode(fwd, bwd, mode)
+
+
+def digitcaps_cost(shape: dict, mode: str, r: int, elem_bytes: int,
+                   routing: str = "dynamic") -> tuple[float, float, float]:
     """(useful FLOPs, compulsory bytes, executed FLOPs) of the work model in the module docstring."""
-    return useful_flops(shape, mode, r), compulsory_bytes(shape, mode, elem_bytes), executed_flops(shape, mode, r)
+    return (useful_flops(shape, mode, r, routing), compulsory_bytes(shape, mode, elem_bytes, routing),
+            executed_flops(shape, mode, r, routing))
 
 
-def build_providers(names, r: int, compile_backend: str | None):
+def make_inputs(shape: dict, routing: str, device, dtype) -> tuple:
+    """(u, W, *params) for one routing, all requiring grad; u and W are the same for every routing."""
+    import torch
+
+    _check_routing(routing)
+    g = torch.Generator().manual_seed(0)
+    B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
+    u = 0.5 * torch.randn(B, I, Din, generator=g)
+    W = 0.05 * torch.randn(I, J, Dout, Din, generator=g)
+    params = {"dynamic": [],
+              "self-attention": [0.01 * torch.randn(I, J, generator=g)],  # coupling bias
+              "inverted-attention": [1 + 0.1 * torch.randn(Dout, generator=g),  # LayerNorm weight, bias
+                                     0.1 * torch.randn(Dout, generator=g)]}[routing]
+    return tuple(t.to(device, dtype).requires_grad_() for t in (u, W, *params))
+
+
+def _routing_kwargs(routing: str, r: int, params: tuple) -> dict:
+    """transform_route's keyword arguments for one routing and its parameter tensors."""
+    if routing == "dynamic":
+        return dict(iterations=r)
+    if routing == "self-attention":
+        (bias,) = params
+        return dict(routing=routing, bias=bias)
+    weight, bias = params
+    return dict(routing=routing, iterations=r, weight=weight, bias=bias)
+
+
+def reference(routing: str, r: int):
+    """The plain-PyTorch reference of one routing as f(u, W, *params) (what 'compiled' compiles)."""
+    from capstriton.reference import (caps_transform_ref, inverted_attention_routing_ref,
+                                      self_attention_routing_ref, transform_route_ref)
+
+    _check_routing(routing)
+    if routing == "dynamic":
+        return lambda u, W: transform_route_ref(u, W, r, False)
+    if routing == "self-attention":
+        return lambda u, W, bias: self_attention_routing_ref(caps_transform_ref(u, W), bias)
+    return lambda u, W, weight, bias: inverted_attention_routing_ref(caps_transform_ref(u, W), r, weight, bias)
+
+
+def build_providers(names, r: int, compile_backend: str | None, routing: str = "dynamic"):
+    """{provider name: f(u, W, *params)} for one routing (module docstring)."""
     import torch
 
     import capstriton as ct
-    from capstriton.reference import transform_route_ref
 
+    _check_routing(routing)
     compiled = None
     if "compiled" in names:
         kwargs = {"backend": compile_backend} if compile_backend else {}
@@ -137,13 +257,21 @@ def build_providers(names, r: int, compile_backend: str | None):
 
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False
-        compiled = torch.compile(transform_route_ref, **kwargs)
+        compiled = torch.compile(reference(routing, r), **kwargs)
+    route_predictions = {  # the routing on a materialized u_hat
+        "dynamic": lambda u_hat: ct.dynamic_routing(u_hat, iterations=r, backend="triton"),
+        "self-attention": lambda u_hat, bias: ct.self_attention_routing(u_hat, bias, backend="triton"),
+        "inverted-attention": lambda u_hat, weight, bias: ct.inverted_attention_routing(
+            u_hat, r, weight, bias, backend="triton"),
+    }[routing]
+    # W in the public (I, J, Dout, Din) layout: the triton paths copy it into their kernel layout
+    # (I, Din, J, Dout) once per call (DigitCaps keeps its weight in that layout instead).
     table = {
-        "fused": lambda u, W: ct.transform_route(u, W, iterations=r, backend="triton"),
-        "unfused": lambda u, W: ct.dynamic_routing(ct.caps_transform(u, W, backend="triton"), iterations=r,
-                                                   backend="triton"),
-        "eager": lambda u, W: ct.transform_route(u, W, iterations=r, backend="torch"),
-        "compiled": lambda u, W: compiled(u, W, r, False),
+        "fused": lambda u, W, *params: ct.transform_route(u, W, backend="triton",
+                                                          **_routing_kwargs(routing, r, params)),
+        "unfused": lambda u, W, *params: route_predictions(ct.caps_transform(u, W, backend="triton"), *params),
+        "eager": lambda u, W, *params: ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params)),
+        "compiled": lambda u, W, *params: compiled(u, W, *params),
     }
     return {n: table[n] for n in names}
 
@@ -348,33 +476,37 @@ def main(argv=None) -> int:
         timer = harness.Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         out_dir = Path(args.out) if args.out else REPO / "docs" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    r = args.iterations
+    iterations = {"dynamic": args.iterations, "self-attention": 1, "inverted-attention": args.inverted_iterations}
     elem = torch.tensor([], dtype=dtype).element_size()
 
-    def make_inputs(shape):
-        g = torch.Generator().manual_seed(0)
-        u = (0.5 * torch.randn(shape["B"], shape["I"], shape["Din"], generator=g)).to(device, dtype)
-        W = (0.05 * torch.randn(shape["I"], shape["J"], shape["Dout"], shape["Din"], generator=g)).to(device, dtype)
-        return u.requires_grad_(), W.requires_grad_()
-
     env = harness.environment(device)
-    env.update(dtype=args.dtype, iterations=r, matmul_precision=torch.get_float32_matmul_precision(),
+    env.update(dtype=args.dtype, routings=args.routings,
+               iterations={k: iterations[k] for k in args.routings if k != "self-attention"},
+               matmul_precision=torch.get_float32_matmul_precision(),
                compile_backend=compile_backend or "inductor", smoke=args.smoke)
-    bench = harness.Benchmark(
-        name="digitcaps",
-        providers=build_providers(args.providers, r, compile_backend),
-        shapes=shapes,
-        make_inputs=make_inputs,
-        cost=lambda s, m: digitcaps_cost(s, m, r, elem),
-        label=lambda s: f"B{s['B']} I{s['I']} Din{s['Din']} J{s['J']} Dout{s['Dout']}",
-        modes=args.modes,
-        baselines=[b for b in ("eager", "compiled") if b in args.providers],
-        extra_columns={"iterations": r, "dtype": args.dtype},
-    )
+    providers = {routing: build_providers(args.providers, iterations[routing], compile_backend, routing)
+                 for routing in args.routings}
     peaks = harness.device_peaks(env["device"])[:2]
     stem = f"digitcaps_{harness.slug(env['device'])}_{args.dtype}"
-    # partial CSV after every row: a run stopped by a time limit keeps what it measured
-    rows = harness.run(bench, timer, peaks, on_row=lambda done: harness.write_csv(out_dir / f"{stem}.csv", done))
+    rows = []
+    # shapes outer, routings inner: a run stopped by a time limit has every routing at the first
+    # shapes; the partial CSV is rewritten after every row
+    for shape in shapes:
+        for routing in args.routings:
+            r = iterations[routing]
+            bench = harness.Benchmark(
+                name="digitcaps",
+                providers=providers[routing],
+                shapes=[shape],
+                make_inputs=lambda s: make_inputs(s, routing, device, dtype),
+                cost=lambda s, m: digitcaps_cost(s, m, r, elem, routing),
+                label=lambda s: f"B{s['B']} I{s['I']} Din{s['Din']} J{s['J']} Dout{s['Dout']}",
+                modes=args.modes,
+                baselines=[b for b in ("eager", "compiled") if b in args.providers],
+                extra_columns={"routing": routing, "iterations": r, "dtype": args.dtype},
+            )
+            rows += harness.run(bench, timer, peaks, log=lambda line: print(f"{routing:18s} {line}"),
+                                on_row=lambda done: harness.write_csv(out_dir / f"{stem}.csv", rows + done))
 
     model_rows = []
     if model_batch:
@@ -399,33 +531,36 @@ def main(argv=None) -> int:
 def render_markdown(env: dict, rows: list[dict], model_rows: list[dict], harness) -> str:
     title = "DigitCaps benchmark" + (" (smoke run: CPU, Triton interpreter; timings meaningless)"
                                      if env.get("smoke") else "")
+    iterations = ", ".join(f"{k} {v}" for k, v in env["iterations"].items())
     parts = [f"# {title}", "", harness.environment_markdown(env),
-             f"- **dtype**: {env['dtype']}, routing iterations {env['iterations']}, "
+             f"- **dtype**: {env['dtype']}, routings {', '.join(env['routings'])} (iterations: "
+             f"{iterations or 'none'}; self-attention has none), "
              f"fp32 matmul precision {env['matmul_precision']}, torch.compile backend {env['compile_backend']}",
-             "", "Times are medians (20th-80th percentile in brackets).  Speedups are eager or compiled time "
-             "divided by the provider's time.  TFLOP/s and GB/s use the work model of "
-             "benchmarks/bench_digitcaps.py (same counts for every provider): useful TFLOP/s count the "
-             "minimal unfused algorithm (u_hat computed once, no padding), exec TFLOP/s what the fused "
+             "", "Times are medians (20th-80th percentile in brackets).  Speedups are the same routing's eager or "
+             "compiled time divided by the provider's time.  TFLOP/s and GB/s use the work model of "
+             "benchmarks/bench_digitcaps.py (per routing, same counts for every provider): useful TFLOP/s count "
+             "the minimal unfused algorithm (u_hat computed once, no padding), exec TFLOP/s what the fused "
              "kernels execute (recomputation, J/D padded to powers of two); roofline = max(useful compute "
              "floor, memory floor) / time.", ""]
     for r in rows:
         r["ms_range"] = "" if math.isnan(r["ms"]) else f"{r['ms']:.4g} [{r['ms_p20']:.4g}-{r['ms_p80']:.4g}]"
     parts.append(harness.markdown_table(rows, [
-        ("shape", "shape"), ("mode", "mode"), ("provider", "provider"), ("ms", "ms_range"),
+        ("routing", "routing"), ("shape", "shape"), ("mode", "mode"), ("provider", "provider"), ("ms", "ms_range"),
         ("x eager", "speedup_vs_eager"), ("x compiled", "speedup_vs_compiled"), ("useful TFLOP/s", "tflops"),
-        ("exec TFLOP/s", "executed_tflops"), ("GB/s", "gbs"), ("roofline", "roofline_fraction"), ("peak MiB", "peak_mem_mb"), ("error", "error")]))
+        ("exec TFLOP/s", "executed_tflops"), ("GB/s", "gbs"), ("roofline", "roofline_fraction"),
+        ("peak MiB", "peak_mem_mb"), ("error", "error")]))
     floors, seen = [], set()
     for r in rows:
-        if (r["shape"], r["mode"]) not in seen:
-            seen.add((r["shape"], r["mode"]))
+        if (r["routing"], r["shape"], r["mode"]) not in seen:
+            seen.add((r["routing"], r["shape"], r["mode"]))
             floors.append({**r, "gflop": r["flops"] / 1e9, "exec_gflop": r["executed_flops"] / 1e9,
                            "mb": r["bytes"] / 1e6})
     parts += ["", "## Floors", "", harness.markdown_table(floors, [
-        ("shape", "shape"), ("mode", "mode"), ("useful GFLOP", "gflop"), ("executed GFLOP", "exec_gflop"),
-        ("MB moved", "mb"),
+        ("routing", "routing"), ("shape", "shape"), ("mode", "mode"), ("useful GFLOP", "gflop"),
+        ("executed GFLOP", "exec_gflop"), ("MB moved", "mb"),
         ("compute floor ms", "compute_floor_ms"), ("memory floor ms", "memory_floor_ms")])]
     if model_rows:
-        parts += ["", "## CapsNet training throughput", "", harness.markdown_table(model_rows, [
+        parts += ["", "## CapsNet training throughput (dynamic routing)", "", harness.markdown_table(model_rows, [
             ("backend", "backend"), ("batch", "batch"), ("ms/step", "ms_per_step"), ("images/s", "images_per_s"),
             ("x torch", "speedup_vs_torch"), ("peak MiB", "peak_mem_mb"), ("error", "error")])]
     return "\n".join(parts) + "\n"

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand, last_to_arrive, prediction_tile, softmax_j, softmax_j_grad, \
     sum_chunk_partials, tile_dims, tile_offsets
-from ._common import autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, cdiv, empty, launch, next_pow2
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, next_pow2
 from .partials import MAX_GROUPS, sum_partials
 
 MODE_SUM, MODE_FORWARD, MODE_BACKWARD = 0, 1, 2
@@ -202,8 +202,7 @@ def grad_uhat_tile(uhat, Q_all_ptr, gs_all_ptr, bjd, mask, B, iterations, DETACH
 
 @triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "iterations", "DETACH", "UNIFORM_FIRST",
                                             "HAS_R", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": prune_unfused_grad_configs},
-                 **autotune_restore("grad_bias_ptr"))  # benchmarking a config must not leave rows behind
+                 prune_configs_by={"early_config_prune": prune_unfused_grad_configs}, **autotune_cache_kwargs())
 @triton.jit
 def stream_grad_kernel(
     uhat_ptr,         # (B, I, J, D) prediction vectors
@@ -212,8 +211,8 @@ def stream_grad_kernel(
     R_ptr,            # (B, J, D) fp32: gradient added to every capsule's dL/du_hat (HAS_R)
     bias_ptr,         # (I, J) coupling bias added after the softmax (HAS_BIAS)
     grad_uhat_ptr,    # (B, I, J, D) out, input dtype: dL/du_hat
-    grad_bias_ptr,    # (batch blocks of the smallest BLOCK_B, I, J) fp32 in/out, zeros on entry (HAS_BIAS):
-                      #   row pid_b gets this batch block's dL/dbias; unused rows stay 0
+    grad_bias_ptr,    # (cdiv(B, ROW_BLOCK), I, J) fp32 out (HAS_BIAS): per-row-block partials of dL/dbias;
+                      #   a program writes its sum to its first row and zeros to its other rows
     B, I,
     iterations,       # number of iterations T
     caps_per_chunk,   # input capsules per program along grid axis 1
@@ -222,9 +221,12 @@ def stream_grad_kernel(
     DETACH: tl.constexpr,         # only the last iteration, couplings as constants
     UNIFORM_FIRST: tl.constexpr,  # iteration 0 has uniform couplings (no state)
     HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,      # samples per dL/dbias row: the smallest BLOCK_B of the autotune list
     BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
 ):
     b_offs, b_mask, jd, _, bjd, mask, zero_b = sample_block(B, J, D, BLOCK_B, BJ, BDH, BDL)
+    n_rows = tl.cdiv(B, ROW_BLOCK)
+    j_offs = tl.arange(0, BJ)
     i_start = tl.program_id(1) * caps_per_chunk
     for i in range(i_start, tl.minimum(i_start + caps_per_chunk, I)):
         uhat = prediction_tile(uhat_ptr, uhat_ptr, uhat_ptr, b_offs, b_mask, i, I, jd, mask, zero_b, False, J, D, 1)
@@ -234,9 +236,11 @@ def stream_grad_kernel(
         if HAS_BIAS:  # c = q + bias: + bias gs; dL/dbias = sum_b u_hat . gs (gs of the last iteration)
             gs = tl.load(gs_all_ptr + at(iterations - 1, B * J * D) + bjd, mask=mask, other=0.0)
             grad += expand(bias_tile(bias_ptr, i, b_offs, J, BJ)) * gs
-            j_offs = tl.arange(0, BJ)
-            row = (tl.program_id(0).to(tl.int64) * I + i) * J
-            tl.store(grad_bias_ptr + row + j_offs, tl.sum(dot_d(uhat, gs), axis=0), mask=j_offs < J)
+            row = tl.program_id(0).to(tl.int64) * (BLOCK_B // ROW_BLOCK)  # every row written, whatever the config
+            tl.store(grad_bias_ptr + (row * I + i) * J + j_offs, tl.sum(dot_d(uhat, gs), axis=0), mask=j_offs < J)
+            for k in range(1, BLOCK_B // ROW_BLOCK):
+                tl.store(grad_bias_ptr + ((row + k) * I + i) * J + j_offs, tl.zeros((BJ,), dtype=tl.float32),
+                         mask=(j_offs < J) & (row + k < n_rows))
         offs = (b_offs * I + i)[None, :, None, None] * (J * D) + jd
         tl.store(grad_uhat_ptr + offs, grad.to(grad_uhat_ptr.dtype.element_ty), mask=mask)
 
@@ -392,14 +396,13 @@ def final_grad(p: Plan, src, W, Q_all, gs_all, iterations: int, *, detach: bool 
     bias_arg = bias if bias is not None else gs_all
     if W is None:
         grad_uhat = empty(B, I, J, D, dtype=dtype, device=dev)
-        # one dL/dbias row per batch block of the config the autotuner picks: as many rows as the
-        # smallest BLOCK_B gives, zeros (rows a larger block leaves unused add nothing)
-        grad_bias = torch.zeros(cdiv(B, smallest_pass_block()), I, J, dtype=torch.float32, device=dev) \
-            if bias is not None else gs_all
+        # dL/dbias partials per ROW_BLOCK samples, so that their number does not depend on the config
+        row_block = smallest_pass_block()
+        grad_bias = empty(cdiv(B, row_block), I, J, dtype=torch.float32, device=dev) if bias is not None else gs_all
         launch(stream_grad_kernel, pass_grid(B, p.n_chunks), (stream_grad_kernel, dev, dtype, p.key, iterations,
                                                               tuple(flags.values())),
                src, Q_all, gs_all, R, bias_arg, grad_uhat, grad_bias, B, I, iterations, p.caps_per_chunk,
-               batch_bucket(B), J=J, D=D, **flags, **p.dims)
+               batch_bucket(B), J=J, D=D, **flags, ROW_BLOCK=row_block, **p.dims)
         return grad_uhat, None, (sum_partials(grad_bias, bias.dtype) if bias is not None else None)
     direct = p.n_groups == 1
     grad_u = empty(B, I, DIN, dtype=dtype, device=dev) if need_src else src

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ._capsule_tiles import lanes_per_sample, tile_dims
 from ._streaming import (GRAD_CONFIGS, MODE_BACKWARD, MODE_FORWARD, MODE_SUM, PASS_CONFIGS, prune_grad_configs,
-                         prune_pass_configs, prune_unfused_grad_configs, stream_grad_fused_kernel, stream_grad_kernel)
+                         prune_pass_configs, prune_unfused_grad_configs, smallest_pass_block, stream_grad_fused_kernel,
+                         stream_grad_kernel)
 from .inverted_attention_routing import INIT_WARPS, inverted_attention_bwd_init_kernel, inverted_attention_pass_kernel
 from .routing_compile_cases import F32, SHAPES, _case
 from .routing_compile_cases import _pick as _pick_all
@@ -55,7 +56,8 @@ def _inverted_attention_pass(src, dtype, tag, sizes, dims):
     for fused in (True, False):
         for what, flags in variants:
             for affine in (True, False):
-                for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims, MODE=flags["MODE"]):
+                for cfg, default in _pick(prune_pass_configs, PASS_CONFIGS, dtype, dims, MODE=flags["MODE"],
+                                          HAS_AFFINE=affine):
                     cases.append(_case(f"inverted_attention_pass[{tag},{what},affine={affine},fused={fused}]",
                                        inverted_attention_pass_kernel.fn, sig,
                                        {**sizes, **flags, "HAS_AFFINE": affine, "FUSED": fused, **dims}, cfg, default))
@@ -78,7 +80,7 @@ def _grad(src, dtype, tag, sizes, dims, din):
             cases.append(_case(f"stream_grad_fused[{tag},{what}]", stream_grad_fused_kernel.fn, fused_sig, const,
                                cfg, default))
         for cfg, default in _pick(prune_unfused_grad_configs, PASS_CONFIGS, dtype, dims):
-            const = {"J": sizes["J"], "D": sizes["D"], **flags, **dims}
+            const = {"J": sizes["J"], "D": sizes["D"], **flags, "ROW_BLOCK": smallest_pass_block(), **dims}
             cases.append(_case(f"stream_grad[{tag},{what}]", stream_grad_kernel.fn, unfused_sig, const, cfg, default))
     return cases
 

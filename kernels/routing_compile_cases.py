@@ -7,6 +7,7 @@ shape J = 32 (fp32, fp16).  ``default`` marks the first config the autotune list
 from __future__ import annotations
 
 from ._capsule_tiles import lanes_per_sample, tile_dims
+from ._streaming import smallest_pass_block
 from .routing import (GRAD_CONFIGS, INIT_WARPS, PASS_CONFIGS, prune_grad_configs, prune_pass_configs,
                       prune_unfused_grad_configs,
                       routing_bwd_init_kernel, routing_grad_fused_kernel, routing_grad_kernel, routing_pass_kernel)
@@ -59,7 +60,7 @@ def _grad_cases(src, dtype, tag, sizes, dims, din):
             cases.append(_case(f"routing_grad_fused[{tag},detach={detach}]", routing_grad_fused_kernel.fn,
                                fused_sig, const, cfg, default))
         for cfg, default in _pick(prune_unfused_grad_configs, PASS_CONFIGS, dtype, dims):
-            const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **extras, **dims}
+            const = {"J": sizes["J"], "D": sizes["D"], "DETACH": detach, **extras, "ROW_BLOCK": smallest_pass_block(), **dims}
             cases.append(_case(f"routing_grad[{tag},detach={detach}]", routing_grad_kernel.fn, unfused_sig, const,
                                cfg, default))
     return cases
