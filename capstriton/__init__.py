@@ -34,3 +34,7 @@ __all__ += ["self_attention_routing", "transform_self_attention_routing", "inver
 from .efficient_capsnet import EFFICIENT_CAPSNET_RECIPE, EfficientCapsNet  # noqa: E402
 
 __all__ += ["EfficientCapsNet", "EFFICIENT_CAPSNET_RECIPE"]
+from .routings import Routing, register_routing  # noqa: E402
+from .transform_route import kernel_layout_weight  # noqa: E402
+
+__all__ += ["Routing", "register_routing", "kernel_layout_weight"]

@@ -7,12 +7,11 @@ from torch import nn
 
 from ._backend import BACKENDS
 from ._validation import check_iterations
-from .inverted_attention_routing import transform_inverted_attention_routing
-from .self_attention_routing import transform_self_attention_routing
+from .routings import get_routing, resolve_options, routing_names
 from .squash import squash
 from .transform_route import transform_route
 
-ROUTINGS = ("dynamic", "self-attention", "inverted-attention")
+ROUTINGS = routing_names()
 
 
 class PrimaryCaps(nn.Module):
@@ -42,7 +41,9 @@ class DigitCaps(nn.Module):
       * "dynamic" (default): routing-by-agreement (Sabour et al. 2017), ``iterations`` times;
       * "self-attention" (Efficient-CapsNet): no iterations; owns ``coupling_bias`` (in_caps, out_caps);
       * "inverted-attention" (Tsai et al. 2020): ``iterations`` (default 2) of attention with a
-        LayerNorm whose affine ``ln_weight``, ``ln_bias`` (out_dim,) the layer owns.
+        LayerNorm whose affine ``ln_weight``, ``ln_bias`` (out_dim,) the layer owns;
+      * any other name registered with ``capstriton.routings.register_routing`` (its parameters
+        are created from its description).
     On the triton backend u_hat = W u is never materialized.
 
     forward(u (B, in_caps, in_dim)) -> v (B, out_caps, out_dim)
@@ -52,15 +53,9 @@ class DigitCaps(nn.Module):
                  iterations: int | None = None, detach: bool = False, backend: str = "auto", init_std: float = 0.01,
                  routing: str = "dynamic"):
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-        if routing == "self-attention" and (iterations is not None or detach):
-            raise ValueError("routing='self-attention' has no iterations and no detach, got "
-                             f"iterations={iterations!r}, detach={detach!r}")
-        if routing == "inverted-attention" and detach:
-            raise ValueError("routing='inverted-attention' has no detach, got detach=True")
-        if iterations is None:
-            iterations = {"dynamic": 3, "self-attention": 1, "inverted-attention": 2}[routing]
+        algorithm = get_routing(routing)
+        options = resolve_options(algorithm, {"iterations": iterations, "detach": detach})
+        iterations = options.get("iterations", 1)
         check_iterations(iterations)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -74,22 +69,18 @@ class DigitCaps(nn.Module):
         stored = init_std * torch.randn(in_caps, in_dim, out_caps, out_dim)
         self.weight = nn.Parameter(stored.permute(0, 2, 3, 1))
         self.routing = routing
-        if routing == "self-attention":
-            self.coupling_bias = nn.Parameter(torch.zeros(in_caps, out_caps))
-        elif routing == "inverted-attention":
-            self.ln_weight = nn.Parameter(torch.ones(out_dim))
-            self.ln_bias = nn.Parameter(torch.zeros(out_dim))
+        self._routing_parameters = {}  # layer attribute -> the routing option it is passed as
+        for attr, (value, option) in algorithm.parameters(in_caps, out_caps, out_dim).items():
+            setattr(self, attr, nn.Parameter(value))
+            self._routing_parameters[attr] = option
+        self._routing_options = [k for k in ("iterations", "detach") if k in algorithm.options]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         # under autocast u may arrive in half precision: compute in u's dtype (fp32 inside the kernels)
         cast = lambda p: p if p.dtype == u.dtype or not u.is_floating_point() else p.to(u.dtype)  # noqa: E731
-        weight = cast(self.weight)
-        if self.routing == "self-attention":
-            return transform_self_attention_routing(u, weight, cast(self.coupling_bias), backend=self.backend)
-        if self.routing == "inverted-attention":
-            return transform_inverted_attention_routing(u, weight, self.iterations, cast(self.ln_weight),
-                                                        cast(self.ln_bias), backend=self.backend)
-        return transform_route(u, weight, iterations=self.iterations, detach=self.detach, backend=self.backend)
+        options = {option: cast(getattr(self, attr)) for attr, option in self._routing_parameters.items()}
+        options.update({k: getattr(self, k) for k in self._routing_options})
+        return transform_route(u, cast(self.weight), backend=self.backend, routing=self.routing, **options)
 
     def extra_repr(self) -> str:
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "

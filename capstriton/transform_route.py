@@ -1,4 +1,4 @@
-"""transform_route: caps_transform followed by dynamic_routing, fused on the triton backend."""
+"""transform_route: caps_transform followed by a routing algorithm, fused on the triton backend."""
 from __future__ import annotations
 
 import torch
@@ -86,49 +86,34 @@ def transform_route(u: torch.Tensor, W: torch.Tensor, iterations: int | None = N
         iterations or detach;
       * "inverted-attention": ``transform_inverted_attention_routing(u, W, iterations, weight,
         bias, eps)``, iterations default 2, LayerNorm affine weight / bias (Dout,), eps default 1e-5.
-    Arguments that mean nothing for the chosen algorithm raise ValueError when set.
+    Arguments that mean nothing for the chosen algorithm raise ValueError when set.  The
+    algorithms are looked up by name in ``capstriton.routings`` (``register_routing`` adds one).
     ``return_coupling=True`` returns (v, c) with the final couplings c (B, I, J) for analysis (no
     gradient: c does not require grad).  On the triton backend one more kernel forms them from
     the last iteration's state, recomputing u_hat = W u (never materialized); the torch backend
     computes them with the reference.
     """
-    from .inverted_attention_routing import transform_with_state as inverted_with_state
-    from .self_attention_routing import transform_with_state as self_attention_with_state
-    from .couplings import couplings_from_state, routing_couplings
+    from .couplings import couplings_from_state
+    from .routings import get_routing, resolve_options
 
-    algorithms = ("dynamic", "self-attention", "inverted-attention")
-    if routing not in algorithms:
-        raise ValueError(f"routing must be one of {algorithms}, got {routing!r}")
-    given = {"iterations": iterations is not None, "detach": bool(detach), "bias": bias is not None,
-             "weight": weight is not None, "eps": eps is not None}
-    allowed = {"dynamic": {"iterations", "detach"}, "self-attention": {"bias"},
-               "inverted-attention": {"iterations", "bias", "weight", "eps"}}[routing]
-    extra = sorted(k for k, v in given.items() if v and k not in allowed)
-    if extra:
-        raise ValueError(f"routing={routing!r} takes {sorted(allowed) or 'no extra arguments'}, got {extra}")
-    triton_backend = False
-    state = coupling_bias = None
-    if routing == "dynamic":
-        iterations = 3 if iterations is None else iterations
-        check_transform_shapes(u, W)
-        check_iterations(iterations)
-        if resolve_backend(backend, u, W) == "torch":
-            v = transform_route_ref(u, W, iterations, bool(detach))
-        else:
-            triton_backend = True
-            v, _, P_all = _fused_op(u, kernel_layout_weight(W), iterations, bool(detach))
-            state = P_all[-1] if iterations > 1 else None
-    elif routing == "self-attention":
-        iterations = 1
-        v, state = self_attention_with_state(u, W, bias, backend)
-        triton_backend, coupling_bias = state is not None, bias
-    else:
-        iterations = 2 if iterations is None else iterations
-        eps = 1e-5 if eps is None else eps
-        v, state = inverted_with_state(u, W, iterations, weight, bias, eps, backend)
-        triton_backend = resolve_backend(backend, u, W) != "torch"
+    algorithm = get_routing(routing)
+    options = resolve_options(algorithm, dict(iterations=iterations, detach=detach, bias=bias, weight=weight,
+                                              eps=eps))
+    v, state, on_triton = algorithm.route(u, W, backend, **options)
     if not return_coupling:
         return v
-    if triton_backend:  # from the final state, u_hat recomputed: never materialized
+    if on_triton:  # from the last state, u_hat recomputed: never materialized
+        coupling_bias = options[algorithm.coupling_bias] if algorithm.coupling_bias else None
         return v, couplings_from_state(u, kernel_layout_weight(W), state, coupling_bias)
-    return v, routing_couplings(u, W, routing, iterations, bias, weight, 1e-5 if eps is None else eps)
+    return v, algorithm.couplings_ref(u, W, **options)
+
+
+def transform_route_with_state(u: torch.Tensor, W: torch.Tensor, iterations: int, detach: bool, backend: str):
+    """(v, P, on_triton): dynamic routing of W u and, on the triton backend, the summed outputs P
+    (B, J, D) fp32 its last couplings were formed from (None with one iteration: uniform)."""
+    check_transform_shapes(u, W)
+    check_iterations(iterations)
+    if resolve_backend(backend, u, W) == "torch":
+        return transform_route_ref(u, W, iterations, detach), None, False
+    v, _, P_all = _fused_op(u, kernel_layout_weight(W), iterations, detach)
+    return v, (P_all[-1] if iterations > 1 else None), True

@@ -4,7 +4,9 @@
         --iterations 3 --batch-sizes 32 128 512 [--dtypes float32 float16] [--dry-run]
 
 Runs transform_route forward+backward (fused) and caps_transform + dynamic_routing forward+
-backward (unfused) at every batch size, so that every triton.autotune'd kernel in
+backward (unfused) at every batch size, then the same for self-attention and inverted-attention
+routing (``--routings``, with their parameters and the couplings of ``return_coupling``), so that
+every triton.autotune'd kernel in
 capstriton.kernels benchmarks its configs for those shapes.  Prints every config tried with its
 time (the Autotuner's ``configs_timings``; the winner is ``Autotuner.cache[key]``) and writes
 the winners to ``~/.cache/capstriton/autotune/<gpu name>.json`` (merged with earlier runs).
@@ -247,7 +249,9 @@ def _parse(argv):
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--detach", choices=["false", "true", "both"], default="false",
                    help="routing detach setting(s) to tune (the backward kernels differ)")
-    p.add_argument("--no-unfused", action="store_true", help="skip caps_transform + dynamic_routing")
+    p.add_argument("--no-unfused", action="store_true", help="skip the unfused ops (u_hat materialized)")
+    p.add_argument("--routings", nargs="+", default=["dynamic", "self-attention", "inverted-attention"],
+                   choices=["dynamic", "self-attention", "inverted-attention"], help="routing algorithms to tune")
     p.add_argument("--output", default=None, help="JSON path (default: ~/.cache/capstriton/autotune/<gpu>.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p.parse_args(argv)
@@ -259,8 +263,9 @@ def _plan(args, gpu: str, autotuners: dict[str, list], out: str) -> str:
              f"model: I={args.in_caps} Din={args.in_dim} J={args.out_caps} Dout={args.out_dim} "
              f"iterations={args.iterations} detach={detach}",
              f"batch sizes: {args.batch_sizes}; dtypes: {args.dtypes}",
+             f"routings: {args.routings}",
              "ops (forward + backward each): transform_route (fused)"
-             + ("" if args.no_unfused else ", caps_transform, dynamic_routing (unfused)"),
+             + ("" if args.no_unfused else ", caps_transform + the routing (unfused)"),
              "autotuned kernels:"]
     for name, tuners in sorted(autotuners.items()):
         lines.append(f"  {name}: {', '.join(str(len(at.configs)) for at in tuners)} configs")
@@ -281,16 +286,45 @@ def _run_ops(args, dtype_name: str, detach: bool) -> None:
                                 generator=g)).to(dtype)
         u.requires_grad_()
         W.requires_grad_()
-        v = ct.transform_route(u, W, iterations=args.iterations, detach=detach, backend="triton")
-        torch.autograd.grad(v, (u, W), torch.randn_like(v))
+        if "dynamic" in args.routings:
+            v = ct.transform_route(u, W, iterations=args.iterations, detach=detach, backend="triton")
+            torch.autograd.grad(v, (u, W), torch.randn_like(v))
         if not args.no_unfused:
             u_hat = ct.caps_transform(u, W, backend="triton")
             torch.autograd.grad(u_hat, (u, W), torch.randn_like(u_hat))
             leaf = u_hat.detach().requires_grad_()
-            v = ct.dynamic_routing(leaf, iterations=args.iterations, detach=detach, backend="triton")
-            torch.autograd.grad(v, (leaf,), torch.randn_like(v))
+            if "dynamic" in args.routings:
+                v = ct.dynamic_routing(leaf, iterations=args.iterations, detach=detach, backend="triton")
+                torch.autograd.grad(v, (leaf,), torch.randn_like(v))
+        if not detach:  # the attention routings have no detach
+            _run_attention(args, u, W, None if args.no_unfused else leaf)
         torch.cuda.synchronize()
         print(f"  tuned {dtype_name} detach={detach} batch {B}", flush=True)
+
+
+def _run_attention(args, u, W, u_hat) -> None:
+    """Forward + backward of the attention routings (with their parameters) and the couplings."""
+    import torch
+
+    import capstriton as ct
+
+    I, J, D = W.shape[0], W.shape[1], W.shape[2]
+    if "self-attention" in args.routings:
+        bias = (0.01 * torch.randn(I, J, device=u.device)).to(u.dtype).requires_grad_()
+        v, _ = ct.transform_route(u, W, routing="self-attention", bias=bias, backend="triton", return_coupling=True)
+        torch.autograd.grad(v, (u, W, bias), torch.randn_like(v))
+        if u_hat is not None:
+            v = ct.self_attention_routing(u_hat, bias, backend="triton")
+            torch.autograd.grad(v, (u_hat, bias), torch.randn_like(v))
+    if "inverted-attention" in args.routings:
+        weight = torch.ones(D, device=u.device, dtype=u.dtype, requires_grad=True)
+        ln_bias = torch.zeros(D, device=u.device, dtype=u.dtype, requires_grad=True)
+        p, _ = ct.transform_route(u, W, routing="inverted-attention", weight=weight, bias=ln_bias, backend="triton",
+                                  return_coupling=True)
+        torch.autograd.grad(p, (u, W, weight, ln_bias), torch.randn_like(p))
+        if u_hat is not None:
+            p = ct.inverted_attention_routing(u_hat, 2, weight, ln_bias, backend="triton")
+            torch.autograd.grad(p, (u_hat, weight, ln_bias), torch.randn_like(p))
 
 
 def config_label(config) -> str:

@@ -81,7 +81,7 @@ def _key(config: triton.Config) -> tuple[int, int]:
 PASS_SPILLS = {32: {(16, 16), (4, 4)}}
 PASS_BACKWARD_SPILLS = {16: {(16, 16), (4, 4)}, 32: {(16, 16), (4, 4)}}
 GRAD_SPILLS = {16: {(4, 2), (8, 4), (16, 8)}, 32: {(2, 2), (8, 8)}}
-UNFUSED_GRAD_SPILLS = {16: {(2, 1)}}
+UNFUSED_GRAD_SPILLS = {16: {(2, 1)}, 32: {(16, 16)}}
 AFFINE_PASS_SPILLS = {16: {(4, 4)}}  # inverted attention's LayerNorm affine (fused forward, sm_90)
 
 
