@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand, last_to_arrive, prediction_tile, softmax_j, softmax_j_grad, \
     sum_chunk_partials, tile_dims, tile_offsets
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, next_pow2
+from ._common import autotune_cache_kwargs, autotune_configs, autotune_restore, batch_bucket, cdiv, empty, launch, next_pow2
 from .partials import MAX_GROUPS, sum_partials
 
 MODE_SUM, MODE_FORWARD, MODE_BACKWARD = 0, 1, 2
@@ -106,6 +106,14 @@ def _pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = No
 prune_pass_configs = _pruner(32, PASS_SPILLS, PASS_BACKWARD_SPILLS, AFFINE_PASS_SPILLS)
 prune_grad_configs = _pruner(16, GRAD_SPILLS)
 prune_unfused_grad_configs = _pruner(16, UNFUSED_GRAD_SPILLS)
+
+
+def pass_autotune(*flags: str, restore: tuple[str, ...] = ()):
+    """triton.autotune for a routing's pass kernel: the shared list and pruning, keyed by the shape
+    and the kernel's own constexpr flags; ``restore``: arguments the kernel updates in place."""
+    cache = autotune_restore(*restore) if restore else autotune_cache_kwargs()
+    return triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", *flags],
+                           prune_configs_by={"early_config_prune": prune_pass_configs}, **cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ fp32: every config; fp16, bf16: the default) and for J = 32 (fp32, fp16: the def
 """
 from __future__ import annotations
 
-from ._capsule_tiles import lanes_per_sample, tile_dims
+from ._capsule_tiles import lanes_per_sample
 from ._streaming import (GRAD_CONFIGS, MODE_BACKWARD, MODE_FORWARD, MODE_SUM, PASS_CONFIGS, prune_grad_configs,
                          prune_pass_configs, prune_unfused_grad_configs, smallest_pass_block, stream_grad_fused_kernel,
                          stream_grad_kernel)
 from .inverted_attention_routing import INIT_WARPS, inverted_attention_bwd_init_kernel, inverted_attention_pass_kernel
-from .routing_compile_cases import F32, SHAPES, _case
+from .routing_compile_cases import F32, _case, cases_over_shapes
 from .routing_compile_cases import _pick as _pick_all
 from .self_attention_routing import self_attention_pass_kernel
 
@@ -26,7 +26,7 @@ def _pick(prune, configs, dtype, dims, **flags):
     return kept if dtype == "fp32" and dims["BJ"] == 16 else kept[:1]
 
 
-def _self_attention_pass(src, dtype, tag, sizes, dims):
+def _self_attention_pass(src, dtype, tag, sizes, dims, din):
     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "bias_ptr": src, "Q_ptr": F32, "s_ptr": F32, "gs_ptr": F32,
            "R_ptr": F32, "v_ptr": src, "part_ptr": F32, "count_ptr": "*i32", "B": I32, "I": I32,
            "caps_per_chunk": I32, "n_chunks": I32, "scale": "fp32", "B_BUCKET": I32}
@@ -42,7 +42,7 @@ def _self_attention_pass(src, dtype, tag, sizes, dims):
     return cases
 
 
-def _inverted_attention_pass(src, dtype, tag, sizes, dims):
+def _inverted_attention_pass(src, dtype, tag, sizes, dims, din):
     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "Q_all_ptr": F32, "s_all_ptr": F32, "gs_all_ptr": F32,
            "w_ptr": src, "b_ptr": src, "gw_all_ptr": F32, "gb_all_ptr": F32, "p_ptr": src, "part_ptr": F32,
            "count_ptr": "*i32", "B": I32, "I": I32, "caps_per_chunk": I32, "n_chunks": I32, "t": I32,
@@ -85,7 +85,7 @@ def _grad(src, dtype, tag, sizes, dims, din):
     return cases
 
 
-def _init_cases(src, tag, sizes, dims):
+def _init_cases(src, dtype, tag, sizes, dims, din):
     sig = {"s_ptr": F32, "grad_p_ptr": src, "w_ptr": src, "gs_ptr": F32, "gw_ptr": F32, "gb_ptr": F32, "B": I32,
            "eps": "fp32"}
     return [{"name": f"inverted_attention_bwd_init[{tag},affine={affine}]", "fn": inverted_attention_bwd_init_kernel,
@@ -94,18 +94,4 @@ def _init_cases(src, tag, sizes, dims):
              "num_warps": INIT_WARPS, "num_stages": 1, "default": True} for affine in (True, False)]
 
 
-def compile_cases() -> list[dict]:
-    cases = []
-    for J, D, din, dtypes in SHAPES:
-        dims = tile_dims(J, D)
-        sizes = {"J": J, "D": D, "DIN": din}
-        for dtype in dtypes:
-            src, tag = f"*{dtype}", f"{dtype},J={J}"
-            cases += _self_attention_pass(src, dtype, tag, sizes, dims)
-            cases += _inverted_attention_pass(src, dtype, tag, sizes, dims)
-            cases += _grad(src, dtype, tag, sizes, dims, din)
-            cases += _init_cases(src, tag, sizes, dims)
-    return cases
-
-
-COMPILE_CASES = compile_cases()
+COMPILE_CASES = cases_over_shapes(_self_attention_pass, _inverted_attention_pass, _grad, _init_cases)

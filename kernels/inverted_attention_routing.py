@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand, lanes_per_sample
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, on_device, \
-    target_programs, use_tuned_configs
-from ._streaming import PASS_CONFIGS, at, final_grad, finish_chunks, pass_grid, plan, prune_pass_configs, \
-    sample_block, sizes, stream_capsules
+from ._common import batch_bucket, cdiv, empty, launch, on_device, target_programs, use_tuned_configs
+from ._streaming import at, final_grad, finish_chunks, pass_autotune, pass_grid, plan, sample_block, sizes, \
+    stream_capsules
 
 INIT_WARPS = 4
 
@@ -80,9 +79,7 @@ def _store_affine_grads(g, xhat, gw_ptr, gb_ptr, b_offs, B, D: tl.constexpr, BDH
     tl.store(gb_ptr + offs, tl.sum(g, axis=2), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "MODE",
-                                                              "HAS_AFFINE"],
-                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
+@pass_autotune("FUSED", "MODE", "HAS_AFFINE")
 @triton.jit
 def inverted_attention_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused

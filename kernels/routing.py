@@ -51,9 +51,8 @@ import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand, lanes_per_sample
 from ._common import batch_bucket, cdiv, empty, launch, on_device, target_programs, use_tuned_configs
-from ._common import autotune_configs, autotune_restore
 from ._streaming import (GRAD_CONFIGS, MIN_CAPS_PER_CHUNK, PASS_CONFIGS,  # noqa: F401 (re-exported)
-                         Plan, at, final_grad, finish_chunks, pass_grid, plan, prune_grad_configs,
+                         Plan, at, final_grad, finish_chunks, pass_autotune, pass_grid, plan, prune_grad_configs,
                          prune_pass_configs, prune_unfused_grad_configs, sample_block, sizes, stream_capsules,
                          stream_grad_fused_kernel, stream_grad_kernel)
 from .squash import _squash_scale
@@ -82,8 +81,7 @@ def _squash_grad(s, g, eps):
     return f * g + 2.0 * df * expand(dot_d(s, g)) * s
 
 
-@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "BACKWARD"],
-                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_restore("gs_all_ptr"))
+@pass_autotune("FUSED", "BACKWARD", restore=("gs_all_ptr",))
 @triton.jit
 def routing_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused

@@ -26,7 +26,7 @@ def _case(name, fn, signature, constexprs, config, default):
             "num_warps": config.num_warps, "num_stages": config.num_stages, "default": default}
 
 
-def _pass_cases(src, dtype, tag, sizes, dims):
+def _pass_cases(src, dtype, tag, sizes, dims, din):
     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "P_all_ptr": F32, "gs_all_ptr": F32, "part_ptr": F32,
            "count_ptr": "*i32", "s_all_ptr": F32, "v_ptr": src, "B": "i32", "I": "i32",
            "caps_per_chunk": "i32", "n_chunks": "i32", "t": "i32", "eps": "fp32", "B_BUCKET": "i32"}
@@ -66,24 +66,23 @@ def _grad_cases(src, dtype, tag, sizes, dims, din):
     return cases
 
 
-def _init_case(src, tag, sizes, dims):
+def _init_case(src, dtype, tag, sizes, dims, din):
     sig = {"s_all_ptr": F32, "grad_v_ptr": src, "gs_all_ptr": F32, "B": "i32", "t": "i32", "eps": "fp32"}
     const = {"J": sizes["J"], "D": sizes["D"], "BLOCK_B": lanes_per_sample(dims["BJ"]) * INIT_WARPS, **dims}
-    return {"name": f"routing_bwd_init[{tag}]", "fn": routing_bwd_init_kernel, "signature": sig,
-            "constexprs": const, "num_warps": INIT_WARPS, "num_stages": 1, "default": True}
+    return [{"name": f"routing_bwd_init[{tag}]", "fn": routing_bwd_init_kernel, "signature": sig,
+             "constexprs": const, "num_warps": INIT_WARPS, "num_stages": 1, "default": True}]
 
 
-def compile_cases() -> list[dict]:
+def cases_over_shapes(*builders) -> list[dict]:
+    """Every builder(src, dtype, tag, sizes, dims, din) -> [case] at every shape and dtype of SHAPES."""
     cases = []
     for J, D, din, dtypes in SHAPES:
         dims = tile_dims(J, D)
         sizes = {"J": J, "D": D, "DIN": din}
         for dtype in dtypes:
-            src, tag = f"*{dtype}", f"{dtype},J={J}"
-            cases += _pass_cases(src, dtype, tag, sizes, dims)
-            cases += _grad_cases(src, dtype, tag, sizes, dims, din)
-            cases.append(_init_case(src, tag, sizes, dims))
+            for build in builders:
+                cases += build(f"*{dtype}", dtype, f"{dtype},J={J}", sizes, dims, din)
     return cases
 
 
-COMPILE_CASES = compile_cases()
+COMPILE_CASES = cases_over_shapes(_pass_cases, _grad_cases, _init_case)

@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, empty, launch, on_device, \
-    target_programs, use_tuned_configs
-from ._streaming import MODE_BACKWARD, MODE_FORWARD, MODE_SUM, PASS_CONFIGS, final_grad, finish_chunks, pass_grid, \
-    plan, prune_pass_configs, sample_block, sizes, stream_capsules
+from ._common import batch_bucket, empty, launch, on_device, target_programs, use_tuned_configs
+from ._streaming import MODE_BACKWARD, MODE_FORWARD, MODE_SUM, final_grad, finish_chunks, pass_autotune, pass_grid, \
+    plan, sample_block, sizes, stream_capsules
 
 
 @triton.jit
@@ -55,9 +54,7 @@ def _exp_squash_grad(s, g):
     return expand(f) * g + expand((e - f) * dot_d(s_hat, g)) * s_hat
 
 
-@triton.autotune(configs=autotune_configs(PASS_CONFIGS), key=["B_BUCKET", "I", "J", "D", "DIN", "FUSED", "MODE",
-                                                              "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": prune_pass_configs}, **autotune_cache_kwargs())
+@pass_autotune("FUSED", "MODE", "HAS_BIAS")
 @triton.jit
 def self_attention_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
