@@ -246,6 +246,7 @@ def inverted_attention_routing_bwd(src, W, iterations: int, weight, bias, eps: f
         for t in range(iterations - 1, 0, -1):  # sum_i ga^t u_hat -> gs^{t-1}
             c.run_pass(t, 2, Q_all, s_all, gs_all, gw, gb, grad_p, from_grad=t == iterations - 1)
         Q_arg = Q_all if iterations > 1 else s_all
+        c.part = c.count = None  # chunk scratch released before the final pass allocates its partials
         grad_src, grad_W, _ = final_grad(c.p, src, W, Q_arg, gs_all, iterations, uniform_first=True)
         if not affine:
             return grad_src, grad_W, None, None

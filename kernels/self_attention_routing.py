@@ -155,4 +155,5 @@ def self_attention_routing_bwd(src, W, bias, Q, s, grad_v):
         gs = empty(B, J, D, dtype=torch.float32, device=src.device)
         R = empty(B, J, D, dtype=torch.float32, device=src.device)
         _pass(MODE_BACKWARD, src, W, None, Q, s, gs, R, grad_v.contiguous(), part, count, shape, p)
+        del part, count  # chunk scratch released before the final pass allocates its partials
         return final_grad(p, src, W, Q, gs, 1, uniform_first=False, R=R, bias=bias)

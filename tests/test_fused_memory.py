@@ -41,9 +41,11 @@ def _peak_scratch_bytes(fn):
 
 @pytest.fixture(autouse=True)
 def _no_kernel_runs(monkeypatch):
-    from capstriton.kernels import partials
+    from capstriton.kernels import inverted_attention_routing, partials, self_attention_routing
     for kernel in (routing.routing_pass_kernel, routing.routing_bwd_init_kernel, routing.routing_grad_fused_kernel,
-                   partials.sum_partials_kernel):
+                   partials.sum_partials_kernel, self_attention_routing.self_attention_pass_kernel,
+                   inverted_attention_routing.inverted_attention_pass_kernel,
+                   inverted_attention_routing.inverted_attention_bwd_init_kernel):
         monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: None)
 
 
@@ -72,6 +74,31 @@ def test_fused_op_scratch_is_bounded(B, I, sms, monkeypatch):
         u, W_k, s_all, P_all, grad_v, R, False, True, True))
     stats = FLOAT * R * B * J * D  # gs^0 .. gs^{r-1}: per-iteration statistics
     assert peak <= _bound_bytes(B, I) + stats, f"backward scratch {peak} B > bound {_bound_bytes(B, I) + stats} B"
+
+
+@pytest.mark.parametrize("sms", ["132", "8"])
+@pytest.mark.parametrize("B,I", SHAPES, ids=[f"B{b}-I{i}" for b, i in SHAPES])
+def test_attention_ops_scratch_is_bounded(B, I, sms, monkeypatch):
+    """The same bound for the fused attention routings (their saved statistics and the
+    parameter-gradient partials, O(B J D) and O(I J), excluded like dynamic routing's)."""
+    monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
+    u, W_k = _inputs(B, I)
+    bias, grad_v = torch.randn(I, J), torch.randn(B, J, D)
+    bound = _bound_bytes(B, I)
+    peak, (v, Q, s) = _peak_scratch_bytes(lambda: torch.ops.capstriton.self_attention_routing(u, W_k, bias))
+    assert peak <= bound, f"self-attention forward scratch {peak} B > bound {bound} B"
+    peak, _ = _peak_scratch_bytes(lambda: torch.ops.capstriton.self_attention_routing_backward(
+        u, W_k, bias, Q, s, grad_v))
+    stats = FLOAT * (2 * B * J * D + 8 * I * J)  # gs, R; dL/dbias partials of at most 8 batch groups
+    assert peak <= bound + stats, f"self-attention backward scratch {peak} B > bound {bound + stats} B"
+    weight, ln_bias = torch.ones(D), torch.zeros(D)
+    peak, (p, s_all, Q_all) = _peak_scratch_bytes(lambda: torch.ops.capstriton.inverted_attention_routing(
+        u, W_k, R, weight, ln_bias, 1e-5))
+    assert peak <= bound, f"inverted-attention forward scratch {peak} B > bound {bound} B"
+    peak, _ = _peak_scratch_bytes(lambda: torch.ops.capstriton.inverted_attention_routing_backward(
+        u, W_k, R, weight, ln_bias, 1e-5, s_all, Q_all, grad_v))
+    stats = FLOAT * (R * B * J * D + 2 * R * B * D)  # gs per iteration; per-sample LayerNorm gradients
+    assert peak <= bound + stats, f"inverted-attention backward scratch {peak} B > bound {bound + stats} B"
 
 
 def test_the_measurement_sees_a_leaky_launcher(monkeypatch):
