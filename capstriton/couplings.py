@@ -29,7 +29,8 @@ from . import kernels as K
 from ._backend import resolve_backend
 from ._validation import check_same_device_dtype, check_tensor
 from .reference import (caps_transform_ref, dynamic_routing_ref, inverted_attention_routing_ref,
-                        self_attention_couplings_ref)
+                        self_attention_couplings_ref, state_couplings_ref)
+from .self_attention_routing import check_coupling_bias
 
 __all__ = ["routing_couplings", "couplings_from_state"]
 
@@ -92,11 +93,7 @@ def _check_state_inputs(src, W_k, state, bias) -> tuple[int, int, int, int]:
             raise ValueError(f"state must have shape (B, J, D) = ({B}, {J}, {D}), got {tuple(state.shape)}")
         if state.device != src.device:
             raise ValueError(f"src and state must be on the same device, got {src.device} and {state.device}")
-    if bias is not None:
-        check_tensor("bias", bias, 2, f" (I, J) = ({I}, {J})")
-        if tuple(bias.shape) != (I, J):
-            raise ValueError(f"bias must have shape (I, J) = ({I}, {J}), got {tuple(bias.shape)}")
-        check_same_device_dtype(src=src, bias=bias)
+    check_coupling_bias(bias, I, J, src)
     return B, I, J, D
 
 
@@ -118,14 +115,9 @@ def couplings_from_state(src: torch.Tensor, W_k: torch.Tensor | None, state: tor
     if resolve_backend(backend, *tensors) == "torch":
         with torch.no_grad():
             math = torch.promote_types(src.dtype, torch.float32)
-            u_hat = src.to(math) if W_k is None else torch.einsum("bik,ikjd->bijd", src.to(math), W_k.to(math))
-            if state is None:
-                c = u_hat.new_full(u_hat.shape[:3], 1.0 / u_hat.shape[2])
-            else:
-                c = torch.softmax((u_hat * state.to(math).unsqueeze(1)).sum(-1), dim=2)
-            if bias is not None:
-                c = c + bias.to(math)
-            return c.to(src.dtype)
+            u_hat = src.to(math) if W_k is None else caps_transform_ref(src.to(math), W_k.permute(0, 2, 3, 1).to(math))
+            cast = lambda t: t.to(math) if t is not None else None  # noqa: E731
+            return state_couplings_ref(u_hat, cast(state), cast(bias)).to(src.dtype)
     return _couplings_op(src, W_k, state, bias)
 
 
@@ -145,4 +137,4 @@ def routing_couplings(u: torch.Tensor, W: torch.Tensor, routing: str, iterations
     V = torch.zeros_like(u_hat[:, 0])
     for t in range(1, iterations):
         V += dynamic_routing_ref(u_hat, t)
-    return torch.softmax((u_hat * V.unsqueeze(1)).sum(dim=-1), dim=2)
+    return state_couplings_ref(u_hat, V)

@@ -97,11 +97,11 @@ def _route(src, W, u_hat_fn, iterations, weight, bias, eps, backend, tensors):
     check_layer_norm_args(weight, bias, eps, D, src)
     tensors = tensors + tuple(t for t in (weight, bias) if t is not None)
     if resolve_backend(backend, *tensors) == "torch":
-        return inverted_attention_routing_ref(u_hat_fn(), iterations, weight, bias, float(eps)), None
+        return inverted_attention_routing_ref(u_hat_fn(), iterations, weight, bias, float(eps)), None, False
     w, b = _kernel_affine(weight, bias, D, src)
     p, _, Q_all = _op(src.contiguous(), kernel_layout_weight(W) if W is not None else None, iterations, w, b,
                       float(eps))
-    return p, (Q_all[-1] if iterations > 1 else None)
+    return p, (Q_all[-1] if iterations > 1 else None), True
 
 
 def inverted_attention_routing(u_hat: torch.Tensor, iterations: int = 2, weight: torch.Tensor | None = None,
@@ -140,8 +140,8 @@ def transform_inverted_attention_routing(u: torch.Tensor, W: torch.Tensor, itera
 
 
 def transform_with_state(u, W, iterations, weight, bias, eps, backend: str):
-    """(p, Q): p of transform_inverted_attention_routing and, on the triton backend, the query
-    Q^{r-1} (B, J, D) fp32 of the last iteration's couplings (None with one iteration, whose
-    couplings are uniform, and on the torch backend)."""
+    """(p, Q, on_triton): p of transform_inverted_attention_routing and, on the triton backend,
+    the query Q^{r-1} (B, J, D) fp32 of the last iteration's couplings (None with one iteration,
+    whose couplings are uniform, and on the torch backend)."""
     check_transform_shapes(u, W)
     return _route(u, W, lambda: caps_transform_ref(u, W), iterations, weight, bias, eps, backend, (u, W))

@@ -84,12 +84,21 @@ def exp_squash_ref(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return s * scale
 
 
+def state_couplings_ref(u_hat: torch.Tensor, state: torch.Tensor | None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The couplings every routing forms from a per-sample state Q (B, J, D):
+    c_ij = softmax_j(u_hat_ij . Q_j) (+ bias_ij), uniform 1/J (+ bias_ij) when state is None."""
+    if state is None:
+        c = u_hat.new_full(u_hat.shape[:3], 1.0 / u_hat.shape[2])
+    else:
+        c = torch.softmax((u_hat * state.unsqueeze(1)).sum(dim=-1), dim=2)
+    return c + bias if bias is not None else c
+
+
 def self_attention_couplings_ref(u_hat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Self-attention routing's couplings c (B, I, J): softmax_j(u_hat_ij . S_j / sqrt(D)) + bias_ij,
     S_j = sum_k u_hat_kj (the row sums of the I x I attention matrix, which is never formed)."""
-    S = u_hat.sum(dim=1, keepdim=True)  # (B, 1, J, D)
-    c = torch.softmax((u_hat * S).sum(dim=-1) / u_hat.shape[-1] ** 0.5, dim=2)
-    return c + bias if bias is not None else c
+    return state_couplings_ref(u_hat, u_hat.sum(dim=1) / u_hat.shape[-1] ** 0.5, bias)
 
 
 def self_attention_routing_ref(u_hat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +112,7 @@ def self_attention_routing_ref(u_hat: torch.Tensor, bias: torch.Tensor | None = 
 
 def _inverted_attention_couplings(u_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """r_ij = softmax_j(u_hat_ij . p_j / sqrt(D)): (B, I, J)."""
-    return torch.softmax((u_hat * p.unsqueeze(1)).sum(dim=-1) / u_hat.shape[-1] ** 0.5, dim=2)
+    return state_couplings_ref(u_hat, p / u_hat.shape[-1] ** 0.5)
 
 
 def inverted_attention_routing_ref(u_hat: torch.Tensor, iterations: int = 2, weight: torch.Tensor | None = None,

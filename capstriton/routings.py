@@ -76,15 +76,12 @@ def _dynamic(u, W, backend, iterations, detach):
 
 def _self_attention(u, W, backend, bias):
     from .self_attention_routing import transform_with_state
-    v, Q = transform_with_state(u, W, bias, backend)
-    return v, Q, Q is not None
+    return transform_with_state(u, W, bias, backend)
 
 
 def _inverted_attention(u, W, backend, iterations, bias, weight, eps):
-    from ._backend import resolve_backend
     from .inverted_attention_routing import transform_with_state
-    p, Q = transform_with_state(u, W, iterations, weight, bias, eps, backend)
-    return p, Q, resolve_backend(backend, u, W) != "torch"
+    return transform_with_state(u, W, iterations, weight, bias, eps, backend)
 
 
 def _couplings_ref(routing: str):

@@ -111,12 +111,12 @@ def transform_self_attention_routing(u: torch.Tensor, W: torch.Tensor, bias: tor
 
 
 def transform_with_state(u, W, bias, backend: str):
-    """(v, Q): v of transform_self_attention_routing and, on the triton backend, the query Q
-    (B, J, D) fp32 its couplings were formed from (None on the torch backend)."""
+    """(v, Q, on_triton): v of transform_self_attention_routing and, on the triton backend, the
+    query Q (B, J, D) fp32 its couplings were formed from (None on the torch backend)."""
     check_transform_shapes(u, W)
     check_coupling_bias(bias, W.shape[0], W.shape[1], u)
     tensors = (u, W) if bias is None else (u, W, bias)
     if resolve_backend(backend, *tensors) == "torch":
-        return self_attention_routing_ref(caps_transform_ref(u, W), bias), None
+        return self_attention_routing_ref(caps_transform_ref(u, W), bias), None, False
     v, Q, _ = _op(u.contiguous(), kernel_layout_weight(W), bias.contiguous() if bias is not None else None)
-    return v, Q
+    return v, Q, True

@@ -51,7 +51,7 @@ MIN_CAPS_PER_CHUNK = 4  # chunk partials hold at most B*I*J*D/4 elements
 # ----------------------------------------------------------------------------------------------
 # autotune lists (shared by every algorithm's kernels)
 # ----------------------------------------------------------------------------------------------
-def _config(block_b: int, warps: int) -> triton.Config:
+def autotune_config(block_b: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_B": block_b}, num_warps=warps, num_stages=1)
 
 
@@ -60,12 +60,10 @@ def _config(block_b: int, warps: int) -> triton.Config:
 # forward and 101 backward on sm_90 (dynamic routing), no barrier in the capsule loop.  The
 # rest: other one-sample-per-lane-group blocks, then two samples per thread, then the configs of
 # the first (3-D tile) kernels.
-PASS_CONFIGS = [_config(8, 4), _config(4, 2), _config(2, 1), _config(16, 8), _config(16, 4),
-                _config(16, 16), _config(4, 4)]
+PASS_CONFIGS = [autotune_config(b, w) for b, w in ((8, 4), (4, 2), (2, 1), (16, 8), (16, 4), (16, 16), (4, 4))]
 # The fused gradient keeps dL/dW[i] of its batch group in registers (DIN x the tile): one warp
 # per program (250 registers on sm_90, no barrier in the loops) is the default.
-GRAD_CONFIGS = [_config(2, 1), _config(1, 1), _config(2, 2), _config(4, 2), _config(8, 4), _config(8, 8),
-                _config(16, 8)]
+GRAD_CONFIGS = [autotune_config(b, w) for b, w in ((2, 1), (1, 1), (2, 2), (4, 2), (8, 4), (8, 8), (16, 8))]
 
 
 def _elements_per_thread(config: triton.Config, BJ: int, BD: int) -> float:
@@ -85,8 +83,8 @@ UNFUSED_GRAD_SPILLS = {16: {(2, 1)}, 32: {(16, 16)}}
 AFFINE_PASS_SPILLS = {16: {(4, 4)}}  # inverted attention's LayerNorm affine (fused forward, sm_90)
 
 
-def _pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = None,
-            affine_spills: dict | None = None):
+def config_pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = None,
+                  affine_spills: dict | None = None):
     """early_config_prune: keep configs whose (BLOCK_B, BJ, BD) tile has at most max_per_thread
     fp32 values per thread and that were not measured spilling; if none is left, the config
     with the smallest tile.  A pass runs its backward sum when BACKWARD (dynamic routing) or
@@ -103,9 +101,9 @@ def _pruner(max_per_thread: int, spills: dict, backward_spills: dict | None = No
     return prune
 
 
-prune_pass_configs = _pruner(32, PASS_SPILLS, PASS_BACKWARD_SPILLS, AFFINE_PASS_SPILLS)
-prune_grad_configs = _pruner(16, GRAD_SPILLS)
-prune_unfused_grad_configs = _pruner(16, UNFUSED_GRAD_SPILLS)
+prune_pass_configs = config_pruner(32, PASS_SPILLS, PASS_BACKWARD_SPILLS, AFFINE_PASS_SPILLS)
+prune_grad_configs = config_pruner(16, GRAD_SPILLS)
+prune_unfused_grad_configs = config_pruner(16, UNFUSED_GRAD_SPILLS)
 
 
 def pass_autotune(*flags: str, restore: tuple[str, ...] = ()):
@@ -375,6 +373,15 @@ def plan(B: int, I: int, J: int, D: int, DIN: int, target: int) -> Plan:
     grad_caps = cdiv(I, grad_chunks)
     return Plan(dims, n_chunks, caps, count_len, cdiv(I, grad_caps), grad_caps, n_groups, budget,
                 (batch_bucket(B), I, J, D, DIN))
+
+
+def chunk_scratch(p: Plan, B: int, J: int, D: int, like):
+    """(chunk partials (n_chunks, B, J, D) fp32, arrival counters (zeros)) of a pass launch, or
+    ``like`` twice when a single chunk needs neither."""
+    if p.n_chunks <= 1:
+        return like, like
+    return (empty(p.n_chunks, B, J, D, dtype=torch.float32, device=like.device),
+            torch.zeros(p.count_len, dtype=torch.int32, device=like.device))
 
 
 def pass_grid(B: int, n_chunks: int):

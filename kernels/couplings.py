@@ -21,13 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._capsule_tiles import dot_d, prediction_tile, softmax_j, tile_dims, tile_offsets
+from ._capsule_tiles import dot_d, prediction_tile, softmax_j, tile_dims
+from ._streaming import autotune_config, bias_tile, config_pruner, sample_block
 from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, launch, on_device, \
     target_programs
-
-
-def _config(block_b: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_B": block_b}, num_warps=warps, num_stages=1)
 
 
 # First config = default (the interpreter and the test suite run only it): at the paper's width
@@ -35,28 +32,9 @@ def _config(block_b: int, warps: int) -> triton.Config:
 # shared memory or barrier (`python -m capstriton.kernels.compile_check --only couplings`).  Two
 # samples per thread convert c's layout through shared memory before the store; (4, 4) is the
 # one-sample-per-thread block at J = 32.
-COUPLING_CONFIGS = [_config(8, 4), _config(4, 2), _config(2, 1), _config(16, 8), _config(4, 4), _config(16, 4),
-                    _config(32, 8)]
-MAX_PER_THREAD = 32  # fp32 values of one (BDH, BLOCK_B, BJ, BDL) tile per thread
-
-
-def _per_thread(config: triton.Config, BJ: int, BD: int) -> float:
-    return config.kwargs["BLOCK_B"] * BJ * BD / (32 * config.num_warps)
-
-
-def prune_coupling_configs(configs, named_args, **kwargs):
-    """early_config_prune: configs whose tile holds at most MAX_PER_THREAD values per thread (the
-    kernel keeps two tiles, u_hat and Q); if none, the one with the smallest tile."""
-    BJ, BD = kwargs["BJ"], kwargs["BDH"] * kwargs["BDL"]
-    kept = [c for c in configs if _per_thread(c, BJ, BD) <= MAX_PER_THREAD]
-    return kept or [min(configs, key=lambda c: _per_thread(c, BJ, BD))]
-
-
-@triton.jit
-def _bias_row(bias_ptr, i, b_offs, J: tl.constexpr, BJ: tl.constexpr):
-    """bias[i, :] (I, J) as a (BLOCK_B, BJ) fp32 tile (the same row for every sample)."""
-    jj = tl.arange(0, BJ)[None, :] + (b_offs * 0)[:, None]
-    return tl.load(bias_ptr + i * J + jj, mask=jj < J, other=0.0).to(tl.float32)
+COUPLING_CONFIGS = [autotune_config(b, w) for b, w in ((8, 4), (4, 2), (2, 1), (16, 8), (4, 4), (16, 4), (32, 8))]
+# the kernel keeps two tiles (u_hat and Q): at most 32 fp32 values of one per thread
+prune_coupling_configs = config_pruner(32, {})
 
 
 @triton.autotune(configs=autotune_configs(COUPLING_CONFIGS),
@@ -79,9 +57,7 @@ def couplings_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,
 ):
-    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b_offs < B
-    jd, _, bjd, mask, zero_b = tile_offsets(b_offs, B, J, D, BJ, BDH, BDL)
+    b_offs, b_mask, jd, _, bjd, mask, zero_b = sample_block(B, J, D, BLOCK_B, BJ, BDH, BDL)
     jj = tl.arange(0, BJ)
     c_row = c_ptr + (b_offs * I)[:, None] * J + jj[None, :]  # (BLOCK_B, BJ) pointers to c[b, 0, j]
     c_mask = b_mask[:, None] & (jj < J)[None, :]
@@ -95,7 +71,7 @@ def couplings_kernel(
         else:
             c = tl.full((BLOCK_B, BJ), 1.0 / J, tl.float32)
         if HAS_BIAS:
-            c += _bias_row(bias_ptr, i, b_offs, J, BJ)
+            c += bias_tile(bias_ptr, i, b_offs, J, BJ)
         tl.store(c_row + i * J, c.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

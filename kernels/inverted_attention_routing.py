@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand, lanes_per_sample
 from ._common import batch_bucket, cdiv, empty, launch, on_device, target_programs, use_tuned_configs
-from ._streaming import at, final_grad, finish_chunks, pass_autotune, pass_grid, plan, sample_block, sizes, \
+from ._streaming import at, chunk_scratch, final_grad, finish_chunks, pass_autotune, pass_grid, plan, sample_block, sizes, \
     stream_capsules
 
 INIT_WARPS = 4
@@ -193,10 +193,7 @@ class _Call:
         self.shape = sizes(u, W, u_hat)
         self.B, self.I, self.J, self.D, self.DIN = self.shape
         self.p = plan(*self.shape, target_programs(src.device))
-        multi = self.p.n_chunks > 1
-        self.part = empty(self.p.n_chunks, self.B, self.J, self.D, dtype=torch.float32, device=src.device) \
-            if multi else src
-        self.count = torch.zeros(self.p.count_len, dtype=torch.int32, device=src.device) if multi else src
+        self.part, self.count = chunk_scratch(self.p, self.B, self.J, self.D, src)
 
     def stats(self, *lead):
         return empty(*lead, self.B, self.J, self.D, dtype=torch.float32, device=self.src.device)

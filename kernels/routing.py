@@ -52,7 +52,7 @@ import triton.language as tl
 from ._capsule_tiles import dot_d, expand, lanes_per_sample
 from ._common import batch_bucket, cdiv, empty, launch, on_device, target_programs, use_tuned_configs
 from ._streaming import (GRAD_CONFIGS, MIN_CAPS_PER_CHUNK, PASS_CONFIGS,  # noqa: F401 (re-exported)
-                         Plan, at, final_grad, finish_chunks, pass_autotune, pass_grid, plan, prune_grad_configs,
+                         Plan, at, chunk_scratch, final_grad, finish_chunks, pass_autotune, pass_grid, plan, prune_grad_configs,
                          prune_pass_configs, prune_unfused_grad_configs, sample_block, sizes, stream_capsules,
                          stream_grad_fused_kernel, stream_grad_kernel)
 from .squash import _squash_scale
@@ -189,11 +189,9 @@ def _routing_forward(u, W, u_hat, iterations: int):
     B, I, J, D, DIN = sizes(u, W, u_hat)
     dev = src.device
     p = plan(B, I, J, D, DIN, target_programs(dev))
-    f32 = torch.float32
-    part = empty(p.n_chunks, B, J, D, dtype=f32, device=dev) if p.n_chunks > 1 else src
-    count = torch.zeros(p.count_len, dtype=torch.int32, device=dev) if p.n_chunks > 1 else src
-    s_all = empty(iterations, B, J, D, dtype=f32, device=dev)
-    P_all = empty(iterations - 1, B, J, D, dtype=f32, device=dev)
+    part, count = chunk_scratch(p, B, J, D, src)
+    s_all = empty(iterations, B, J, D, dtype=torch.float32, device=dev)
+    P_all = empty(iterations - 1, B, J, D, dtype=torch.float32, device=dev)
     v = empty(B, J, D, dtype=src.dtype, device=dev)
     args = ((u, W, src) if fused else (src, src, u_hat)) + (P_all if iterations > 1 else src, src, part, count,
                                                             s_all, v, B, I, p.caps_per_chunk, p.n_chunks)
@@ -218,8 +216,7 @@ def _backward_stats(ins, src, s_all, P_all, grad_v, iterations: int, detach: boo
             s_all, grad_v, gs_all, B, iterations - 1, ROUTING_EPS, J=J, D=D, BLOCK_B=init_block,
             num_warps=INIT_WARPS, **p.dims)
         return gs_all
-    part = empty(p.n_chunks, B, J, D, dtype=torch.float32, device=dev) if p.n_chunks > 1 else src
-    count = torch.zeros(p.count_len, dtype=torch.int32, device=dev) if p.n_chunks > 1 else src
+    part, count = chunk_scratch(p, B, J, D, src)
     args = tuple(x if x is not None else src for x in ins) + (P_all, gs_all, part, count, s_all, grad_v, B, I,
                                                              p.caps_per_chunk, p.n_chunks)
     key = (routing_pass_kernel, dev, src.dtype, p.key, fused, True)

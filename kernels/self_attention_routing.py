@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._capsule_tiles import dot_d, expand
 from ._common import batch_bucket, empty, launch, on_device, target_programs, use_tuned_configs
-from ._streaming import MODE_BACKWARD, MODE_FORWARD, MODE_SUM, final_grad, finish_chunks, pass_autotune, pass_grid, \
+from ._streaming import MODE_BACKWARD, MODE_FORWARD, MODE_SUM, chunk_scratch, final_grad, finish_chunks, pass_autotune, pass_grid, \
     plan, sample_block, sizes, stream_capsules
 
 
@@ -113,11 +113,7 @@ def _setup(src, W):
     u, u_hat = (src, None) if W is not None else (None, src)
     shape = sizes(u, W, u_hat)
     p = plan(*shape, target_programs(src.device))
-    B, _, J, D, _ = shape
-    f32 = torch.float32
-    part = empty(p.n_chunks, B, J, D, dtype=f32, device=src.device) if p.n_chunks > 1 else src
-    count = torch.zeros(p.count_len, dtype=torch.int32, device=src.device) if p.n_chunks > 1 else src
-    return shape, p, part, count
+    return (shape, p) + chunk_scratch(p, shape[0], shape[2], shape[3], src)
 
 
 def _pass(mode: int, src, W, bias, Q, s, gs, R, v, part, count, shape, p) -> None:

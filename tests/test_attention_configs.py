@@ -5,10 +5,10 @@ variant (coupling bias and R; unfused, its dL/dbias rows per batch block)."""
 import pytest
 import torch
 
-import capstriton as ct
-from attention_cases import assert_matches_ref64, transform_inputs
 from capstriton.kernels import _streaming, inverted_attention_routing as inverted, self_attention_routing as self_att
-from capstriton.reference import caps_transform_ref, inverted_attention_routing_ref, self_attention_routing_ref
+
+from test_inverted_attention_routing import _check as _check_inverted_attention
+from test_self_attention_routing import _check as _check_self_attention
 
 SHAPE = (19, 9, 10, 16, 3)
 
@@ -18,32 +18,11 @@ def _ids(configs):
 
 
 def _self_attention(fused):
-    u, W, u_hat, grad_v = transform_inputs(SHAPE, torch.float32)
-    bias = (0.1 * torch.randn(SHAPE[1], SHAPE[2])).requires_grad_()
-    if fused:
-        v = ct.transform_self_attention_routing(u, W, bias, backend="triton")
-        ref = lambda u_, W_, b_: self_attention_routing_ref(caps_transform_ref(u_, W_), b_)  # noqa: E731
-        assert_matches_ref64(v, ref, (u, W, bias), grad_v, ("grad_u", "grad_W", "grad_bias"), torch.float32, "v")
-    else:
-        v = ct.self_attention_routing(u_hat, bias, backend="triton")
-        assert_matches_ref64(v, self_attention_routing_ref, (u_hat, bias), grad_v, ("grad_u_hat", "grad_bias"),
-                             torch.float32, "v")
+    _check_self_attention(fused, SHAPE, torch.float32, with_bias=True)
 
 
 def _inverted_attention(fused):
-    u, W, u_hat, grad_v = transform_inputs(SHAPE, torch.float32)
-    weight = (1 + 0.3 * torch.randn(SHAPE[3])).requires_grad_()
-    bias = (0.3 * torch.randn(SHAPE[3])).requires_grad_()
-    if fused:
-        p = ct.transform_inverted_attention_routing(u, W, 3, weight, bias, backend="triton")
-        ref = lambda u_, W_, w_, b_: inverted_attention_routing_ref(caps_transform_ref(u_, W_), 3, w_, b_)  # noqa: E731
-        assert_matches_ref64(p, ref, (u, W, weight, bias), grad_v, ("grad_u", "grad_W", "grad_weight", "grad_bias"),
-                             torch.float32, "p")
-    else:
-        p = ct.inverted_attention_routing(u_hat, 3, weight, bias, backend="triton")
-        ref = lambda x, w_, b_: inverted_attention_routing_ref(x, 3, w_, b_)  # noqa: E731
-        assert_matches_ref64(p, ref, (u_hat, weight, bias), grad_v, ("grad_u_hat", "grad_weight", "grad_bias"),
-                             torch.float32, "p")
+    _check_inverted_attention(fused, SHAPE, torch.float32, iterations=3, affine=True)
 
 
 @pytest.mark.parametrize("config", _streaming.PASS_CONFIGS, ids=_ids(_streaming.PASS_CONFIGS))
