@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test setup bench bench-smoke bench-host gpu-bundle compile-check tune clean
+.PHONY: train test lint setup bench bench-smoke bench-host gpu-bundle compile-check tune clean
+
+# test workers (pytest-xdist): one per core of the 2-core machine
+WORKERS ?= 2
 
 setup: $(STAMP)
 
@@ -20,7 +23,10 @@ train: $(STAMP)
 	$(PY) examples/train_mnist.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_digitcaps.py $(ARGS)
@@ -35,6 +41,7 @@ bench-host: $(STAMP)
 gpu-bundle: $(STAMP)
 	$(PY) benchmarks/gpu_bundle.py
 
+# every autotune config of every kernel for sm_80 and sm_90 (the test suite compiles the defaults)
 compile-check: $(STAMP)
 	$(PY) -m capstriton.kernels.compile_check $(ARGS)
 

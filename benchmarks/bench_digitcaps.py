@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
 import sys
@@ -107,7 +106,15 @@ LARGE = dict(I=4608, Din=8, J=32, Dout=16)
 SMOKE_SHAPES = [dict(B=2, I=12, Din=8, J=3, Dout=4), dict(B=3, I=20, Din=8, J=5, Dout=8)]
 SMOKE_MODEL = dict(image_size=20, conv_channels=16, primary_caps=4, primary_dim=8, num_classes=3, digit_dim=4)
 PROVIDERS = ("fused", "unfused", "eager", "compiled")
-ROUTINGS = ("dynamic", "self-attention", "inverted-attention")
+ROUTINGS = ("dynamic", "self-attention", "inverted-attention")  # the routings with a work model (FLOPs, bytes)
+
+
+def registered_routings() -> tuple[str, ...]:
+    """Every routing in capstriton's registry: each gets rows (one without a work model has no
+    FLOP or byte columns, and no 'unfused' provider)."""
+    from capstriton.routing import routing_names
+
+    return routing_names()
 
 
 def parse_args(argv=None):
@@ -116,7 +123,9 @@ def parse_args(argv=None):
                    help="CPU run under the Triton interpreter at tiny sizes (checks the code paths)")
     p.add_argument("--out", default=None, help="output directory (default: docs/benchmarks; a temp dir with --smoke)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS, help="routing algorithms")
+    routings = registered_routings()
+    p.add_argument("--routings", nargs="+", default=list(routings), choices=routings,
+                   help="routing algorithms (capstriton's registry)")
     p.add_argument("--iterations", type=int, default=3, help="dynamic routing iterations")
     p.add_argument("--inverted-iterations", type=int, default=2, help="inverted-attention routing iterations")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512], help="batches at the paper shape")
@@ -196,49 +205,78 @@ def compulsory_bytes(shape: dict, mode: str, elem_bytes: int, routing: str = "dy
 
 def digitcaps_cost(shape: dict, mode: str, r: int, elem_bytes: int,
                    routing: str = "dynamic") -> tuple[float, float, float]:
-    """(useful FLOPs, compulsory bytes, executed FLOPs) of the work model in the module docstring."""
+    """(useful FLOPs, compulsory bytes, executed FLOPs) of the work model in the module docstring
+    (NaN for a routing without one)."""
+    if routing not in ROUTINGS:
+        return math.nan, math.nan, math.nan
     return (useful_flops(shape, mode, r, routing), compulsory_bytes(shape, mode, elem_bytes, routing),
             executed_flops(shape, mode, r, routing))
 
 
 def make_inputs(shape: dict, routing: str, device, dtype) -> tuple:
-    """(u, W, *params) for one routing, all requiring grad; u and W are the same for every routing."""
+    """(u, W, *params) for one routing, all requiring grad; u and W are the same for every routing.
+    A routing without a work model gets its registry entry's example parameters and inputs."""
     import torch
 
-    _check_routing(routing)
+    from capstriton.routing import get_routing
+
     g = torch.Generator().manual_seed(0)
     B, I, Din, J, Dout = (shape[k] for k in ("B", "I", "Din", "J", "Dout"))
     u = 0.5 * torch.randn(B, I, Din, generator=g)
     W = 0.05 * torch.randn(I, J, Dout, Din, generator=g)
-    params = {"dynamic": [],
-              "self-attention": [0.01 * torch.randn(I, J, generator=g)],  # coupling bias
-              "inverted-attention": [1 + 0.1 * torch.randn(Dout, generator=g),  # LayerNorm weight, bias
-                                     0.1 * torch.randn(Dout, generator=g)]}[routing]
+    modelled = {"dynamic": [],
+                "self-attention": [0.01 * torch.randn(I, J, generator=g)],  # coupling bias
+                "inverted-attention": [1 + 0.1 * torch.randn(Dout, generator=g),  # LayerNorm weight, bias
+                                       0.1 * torch.randn(Dout, generator=g)]}
+    params = modelled[routing] if routing in modelled else list(get_routing(routing).example_kwargs(u, W).values())
     return tuple(t.to(device, dtype).requires_grad_() for t in (u, W, *params))
 
 
 def _routing_kwargs(routing: str, r: int, params: tuple) -> dict:
     """transform_route's keyword arguments for one routing and its parameter tensors."""
+    from capstriton.routing import get_routing
+
     if routing == "dynamic":
         return dict(iterations=r)
     if routing == "self-attention":
         (bias,) = params
         return dict(routing=routing, bias=bias)
-    weight, bias = params
-    return dict(routing=routing, iterations=r, weight=weight, bias=bias)
+    if routing == "inverted-attention":
+        weight, bias = params
+        return dict(routing=routing, iterations=r, weight=weight, bias=bias)
+    algorithm = get_routing(routing)
+    names = [p.option for p in algorithm.parameters(1, 1, 1).values()] + list(algorithm.inputs)
+    kwargs = dict(zip(names, params), routing=routing)
+    if "iterations" in algorithm.options:
+        kwargs["iterations"] = r
+    return kwargs
+
+
+def routing_iterations(routing: str, args) -> int:
+    """The iterations a routing runs in this benchmark (1 for one that takes none)."""
+    from capstriton.routing import get_routing
+
+    flags = {"dynamic": args.iterations, "inverted-attention": args.inverted_iterations}
+    return flags.get(routing, get_routing(routing).options.get("iterations") or 1)
 
 
 def reference(routing: str, r: int):
     """The plain-PyTorch reference of one routing as f(u, W, *params) (what 'compiled' compiles)."""
-    from capstriton.reference import (caps_transform_ref, inverted_attention_routing_ref,
-                                      self_attention_routing_ref, transform_route_ref)
+    import capstriton as ct
+    from capstriton.reference import (
+        caps_transform_ref,
+        inverted_attention_routing_ref,
+        self_attention_routing_ref,
+        transform_route_ref,
+    )
 
-    _check_routing(routing)
     if routing == "dynamic":
         return lambda u, W: transform_route_ref(u, W, r, False)
     if routing == "self-attention":
         return lambda u, W, bias: self_attention_routing_ref(caps_transform_ref(u, W), bias)
-    return lambda u, W, weight, bias: inverted_attention_routing_ref(caps_transform_ref(u, W), r, weight, bias)
+    if routing == "inverted-attention":
+        return lambda u, W, weight, bias: inverted_attention_routing_ref(caps_transform_ref(u, W), r, weight, bias)
+    return lambda u, W, *params: ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params))
 
 
 def build_providers(names, r: int, compile_backend: str | None, routing: str = "dynamic"):
@@ -247,7 +285,6 @@ def build_providers(names, r: int, compile_backend: str | None, routing: str = "
 
     import capstriton as ct
 
-    _check_routing(routing)
     compiled = None
     if "compiled" in names:
         kwargs = {"backend": compile_backend} if compile_backend else {}
@@ -258,12 +295,12 @@ def build_providers(names, r: int, compile_backend: str | None, routing: str = "
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False
         compiled = torch.compile(reference(routing, r), **kwargs)
-    route_predictions = {  # the routing on a materialized u_hat
+    route_predictions = {  # the routing on a materialized u_hat (a routing without one has no 'unfused')
         "dynamic": lambda u_hat: ct.dynamic_routing(u_hat, iterations=r, backend="triton"),
         "self-attention": lambda u_hat, bias: ct.self_attention_routing(u_hat, bias, backend="triton"),
         "inverted-attention": lambda u_hat, weight, bias: ct.inverted_attention_routing(
             u_hat, r, weight, bias, backend="triton"),
-    }[routing]
+    }.get(routing)
     # W in the public (I, J, Dout, Din) layout: the triton paths copy it into their kernel layout
     # (I, Din, J, Dout) once per call (DigitCaps keeps its weight in that layout instead).
     table = {
@@ -273,7 +310,7 @@ def build_providers(names, r: int, compile_backend: str | None, routing: str = "
         "eager": lambda u, W, *params: ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params)),
         "compiled": lambda u, W, *params: compiled(u, W, *params),
     }
-    return {n: table[n] for n in names}
+    return {n: table[n] for n in names if n != "unfused" or route_predictions is not None}
 
 
 def model_throughput(backend: str, batch: int, steps: int, device, dtype, model_kwargs: dict, log=print) -> dict:
@@ -345,8 +382,7 @@ def host_overhead(device=None, iterations: int = 3, reps: int = 200, inner: int 
     import harness
 
     import capstriton as ct
-
-    tr_module = importlib.import_module("capstriton.transform_route")  # the package attribute is the function
+    from capstriton.routing import dynamic as dynamic_module  # its resolve_backend is bypassed on the CPU
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = torch.Generator().manual_seed(0)
@@ -368,12 +404,12 @@ def host_overhead(device=None, iterations: int = 3, reps: int = 200, inner: int 
             torch_kernels = dict(harness.count_kernel_ops(fused))
             return counted, torch_kernels, harness.host_time_us(fused, device, reps=reps, inner=inner)
 
-    saved_resolve, saved_poison = tr_module.resolve_backend, os.environ.get("CAPSTRITON_POISON_OUTPUTS")
+    saved_resolve, saved_poison = dynamic_module.resolve_backend, os.environ.get("CAPSTRITON_POISON_OUTPUTS")
     saved_threads = torch.get_num_threads()
     os.environ["CAPSTRITON_POISON_OUTPUTS"] = "0"  # the suite's NaN fill would add kernels
     torch.set_num_threads(1)
     if device.type != "cuda":
-        tr_module.resolve_backend = lambda backend, *tensors: backend if backend != "auto" else "torch"
+        dynamic_module.resolve_backend = lambda backend, *tensors: backend if backend != "auto" else "torch"
     stub_level, stub_error = "driver", ""
     try:
         triton_launches, torch_kernels, jit_us = stubbed("jit")
@@ -383,7 +419,7 @@ def host_overhead(device=None, iterations: int = 3, reps: int = 200, inner: int 
             stub_level, stub_error, fused_us = "jit", f"{type(exc).__name__}: {exc}".splitlines()[0], jit_us
         ref_us = harness.host_time_us(fwd_bwd("torch"), device, reps=reps, inner=inner)
     finally:
-        tr_module.resolve_backend = saved_resolve
+        dynamic_module.resolve_backend = saved_resolve
         torch.set_num_threads(saved_threads)
         if saved_poison is None:
             os.environ.pop("CAPSTRITON_POISON_OUTPUTS", None)
@@ -451,6 +487,8 @@ def main(argv=None) -> int:
             return 2
     import torch
 
+    from capstriton.routing import get_routing
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import harness
 
@@ -476,12 +514,12 @@ def main(argv=None) -> int:
         timer = harness.Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         out_dir = Path(args.out) if args.out else REPO / "docs" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    iterations = {"dynamic": args.iterations, "self-attention": 1, "inverted-attention": args.inverted_iterations}
+    iterations = {routing: routing_iterations(routing, args) for routing in args.routings}
     elem = torch.tensor([], dtype=dtype).element_size()
 
     env = harness.environment(device)
     env.update(dtype=args.dtype, routings=args.routings,
-               iterations={k: iterations[k] for k in args.routings if k != "self-attention"},
+               iterations={k: iterations[k] for k in args.routings if "iterations" in get_routing(k).options},
                matmul_precision=torch.get_float32_matmul_precision(),
                compile_backend=compile_backend or "inductor", smoke=args.smoke)
     providers = {routing: build_providers(args.providers, iterations[routing], compile_backend, routing)

@@ -1,40 +1,39 @@
 """capstriton: Triton GPU kernels for capsule networks.
 
-Public API::
-
-    squash, caps_transform, dynamic_routing, transform_route, margin_loss,
-    PrimaryCaps, DigitCaps, CapsNet
-
-Each op takes ``backend="auto" | "torch" | "triton"``: "torch" is the plain-PyTorch
-reference (``capstriton.reference``), "triton" the kernels (``capstriton.kernels``), and
-"auto" picks triton for CUDA tensors or under TRITON_INTERPRET=1, torch otherwise.
+Ops (``backend="auto" | "torch" | "triton"``: "torch" is the plain-PyTorch reference in
+``capstriton.reference``, "triton" the kernels in ``capstriton.kernels``, "auto" picks triton
+for CUDA tensors or under TRITON_INTERPRET=1, torch otherwise): squash, caps_transform, the
+routing algorithms and transform_route (``capstriton.routing``), the losses.
+Layers: PrimaryCaps, DigitCaps.  Models (``capstriton.models``): CapsNet, EfficientCapsNet,
+ConvBaseline.  Training, experiments and data live in the subpackages of those names.
 """
-from .loss import margin_loss, reconstruction_loss
-from .squash import squash
-from .transform import caps_transform
-from .routing import dynamic_routing
-from .transform_route import transform_route
+from .caps_transform import caps_transform
 from .layers import DigitCaps, PrimaryCaps
-from .model import CapsNet
+from .loss import margin_loss, reconstruction_loss
+from .models import CapsNet, ConvBaseline, EfficientCapsNet
+from .routing import (
+    LayerParameter,
+    Routed,
+    Routing,
+    dynamic_routing,
+    get_routing,
+    inverted_attention_routing,
+    kernel_layout_weight,
+    register_routing,
+    routing_names,
+    self_attention_routing,
+    transform_inverted_attention_routing,
+    transform_route,
+    transform_self_attention_routing,
+)
+from .squash import squash
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "squash", "caps_transform", "dynamic_routing", "transform_route", "margin_loss",
-    "reconstruction_loss", "PrimaryCaps", "DigitCaps", "CapsNet", "__version__",
+    "squash", "caps_transform", "dynamic_routing", "transform_route", "self_attention_routing",
+    "transform_self_attention_routing", "inverted_attention_routing", "transform_inverted_attention_routing",
+    "Routing", "Routed", "LayerParameter", "register_routing", "get_routing", "routing_names", "kernel_layout_weight",
+    "margin_loss", "reconstruction_loss", "PrimaryCaps", "DigitCaps", "CapsNet", "EfficientCapsNet",
+    "ConvBaseline", "__version__",
 ]
-
-# attention routing family (self-attention: Efficient-CapsNet; inverted dot-product attention)
-from .self_attention_routing import self_attention_routing, transform_self_attention_routing  # noqa: E402
-from .inverted_attention_routing import (inverted_attention_routing,  # noqa: E402
-                                         transform_inverted_attention_routing)
-
-__all__ += ["self_attention_routing", "transform_self_attention_routing", "inverted_attention_routing",
-            "transform_inverted_attention_routing"]
-from .efficient_capsnet import EFFICIENT_CAPSNET_RECIPE, EfficientCapsNet  # noqa: E402
-
-__all__ += ["EfficientCapsNet", "EFFICIENT_CAPSNET_RECIPE"]
-from .routings import Routing, register_routing  # noqa: E402
-from .transform_route import kernel_layout_weight  # noqa: E402
-
-__all__ += ["Routing", "register_routing", "kernel_layout_weight"]

@@ -7,11 +7,9 @@ from torch import nn
 
 from ._backend import BACKENDS
 from ._validation import check_iterations
-from .routings import get_routing, resolve_options, routing_names
+from .routing import get_routing, transform_route
+from .routing.registry import resolve_options
 from .squash import squash
-from .transform_route import transform_route
-
-ROUTINGS = routing_names()
 
 
 class PrimaryCaps(nn.Module):
@@ -37,52 +35,62 @@ class DigitCaps(nn.Module):
     """Fully connected capsule layer with routing.
 
     Each input capsule i has its own learned matrix W[i, j] per output capsule j
-    (``weight`` has shape (in_caps, out_caps, out_dim, in_dim)).  ``routing``:
+    (``weight`` has shape (in_caps, out_caps, out_dim, in_dim)).  ``routing`` names a registered
+    algorithm, looked up when the layer is built (``capstriton.routing.routing_names()``):
       * "dynamic" (default): routing-by-agreement (Sabour et al. 2017), ``iterations`` times;
       * "self-attention" (Efficient-CapsNet): no iterations; owns ``coupling_bias`` (in_caps, out_caps);
       * "inverted-attention" (Tsai et al. 2020): ``iterations`` (default 2) of attention with a
         LayerNorm whose affine ``ln_weight``, ``ln_bias`` (out_dim,) the layer owns;
-      * any other name registered with ``capstriton.routings.register_routing`` (its parameters
-        are created from its description).
+      * any algorithm added with ``capstriton.register_routing``: the layer owns the parameters
+        its entry declares, and ``**options`` sets its other keywords.
     On the triton backend u_hat = W u is never materialized.
 
-    forward(u (B, in_caps, in_dim)) -> v (B, out_caps, out_dim)
+    forward(u (B, in_caps, in_dim), **inputs) -> v (B, out_caps, out_dim), or (v, *extra outputs)
+    for an algorithm with extra inputs / outputs (passed and returned as ``transform_route`` does).
     """
 
     def __init__(self, in_caps: int = 1152, in_dim: int = 8, out_caps: int = 10, out_dim: int = 16,
                  iterations: int | None = None, detach: bool = False, backend: str = "auto", init_std: float = 0.01,
-                 routing: str = "dynamic"):
+                 routing: str = "dynamic", **options):
         super().__init__()
         algorithm = get_routing(routing)
-        options = resolve_options(algorithm, {"iterations": iterations, "detach": detach})
-        iterations = options.get("iterations", 1)
-        check_iterations(iterations)
+        self.routing_options = resolve_options(algorithm, {**options, "iterations": iterations, "detach": detach})
+        if "iterations" in self.routing_options:
+            check_iterations(self.routing_options["iterations"])
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for name, value in (("in_caps", in_caps), ("in_dim", in_dim), ("out_caps", out_caps), ("out_dim", out_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
-        self.iterations, self.detach, self.backend = iterations, detach, backend
+        self.backend, self.routing = backend, routing
         # shape (in_caps, out_caps, out_dim, in_dim), stored as (in_caps, in_dim, out_caps, out_dim): the
         # fused kernels read that layout, so no transposed copy is made per call
         stored = init_std * torch.randn(in_caps, in_dim, out_caps, out_dim)
         self.weight = nn.Parameter(stored.permute(0, 2, 3, 1))
-        self.routing = routing
         self._routing_parameters = {}  # layer attribute -> the routing option it is passed as
-        for attr, (value, option) in algorithm.parameters(in_caps, out_caps, out_dim).items():
-            setattr(self, attr, nn.Parameter(value))
-            self._routing_parameters[attr] = option
-        self._routing_options = [k for k in ("iterations", "detach") if k in algorithm.options]
+        for attr, parameter in algorithm.parameters(in_caps, out_caps, out_dim).items():
+            setattr(self, attr, nn.Parameter(parameter.init))
+            self._routing_parameters[attr] = parameter.option
+            self.routing_options.pop(parameter.option, None)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    @property
+    def iterations(self) -> int:
+        """Routing iterations (1 for an algorithm that takes none)."""
+        return self.routing_options.get("iterations", 1)
+
+    @property
+    def detach(self) -> bool:
+        return bool(self.routing_options.get("detach", False))
+
+    def forward(self, u: torch.Tensor, **inputs):
         # under autocast u may arrive in half precision: compute in u's dtype (fp32 inside the kernels)
         cast = lambda p: p if p.dtype == u.dtype or not u.is_floating_point() else p.to(u.dtype)  # noqa: E731
         options = {option: cast(getattr(self, attr)) for attr, option in self._routing_parameters.items()}
-        options.update({k: getattr(self, k) for k in self._routing_options})
-        return transform_route(u, cast(self.weight), backend=self.backend, routing=self.routing, **options)
+        return transform_route(u, cast(self.weight), backend=self.backend, routing=self.routing,
+                               **self.routing_options, **options, **inputs)
 
     def extra_repr(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.routing_options.items() if not isinstance(v, torch.Tensor))
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
-                f"out_dim={self.out_dim}, iterations={self.iterations}, detach={self.detach}, "
-                f"backend={self.backend!r}, routing={self.routing!r}")
+                f"out_dim={self.out_dim}, routing={self.routing!r}{options}, backend={self.backend!r}")

@@ -1,4 +1,5 @@
-"""squash: public function, torch.library op (kernels + autograd), reference dispatch."""
+"""squash: public function, torch.library op (kernels + autograd), reference dispatch.
+Kernels: ``kernels/squash.py``."""
 from __future__ import annotations
 
 import torch

@@ -15,7 +15,7 @@ models of about the same clean accuracy) or else keeps its own best.  Tests:
   * clean: the 10,000 MNIST test digits at random positions on 40x40 (fixed seed);
   * affine: the affNIST-style set of ``capstriton.data.affine`` (--per-digit transformations
     of each test digit, seed --affine-seed; 32 at full size as affNIST).
-The CNN (``capstriton.baselines``) has three 5x5 convolutions, max pooling, two fully
+The CNN (``capstriton.models.ConvBaseline``) has three 5x5 convolutions, max pooling, two fully
 connected layers and dropout, with its first fully connected layer sized to match CapsNet's
 parameter count.
 
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -37,27 +36,22 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import capstriton as ct  # noqa: E402
-from capstriton import figures  # noqa: E402
-from capstriton._io import atomic_write  # noqa: E402
-from capstriton.baselines import conv_baseline_matching, count_parameters  # noqa: E402
-from capstriton.checkpoint import save_checkpoint  # noqa: E402
-from capstriton.data import (AFFINE_SEED, AFFNIST_RANGES, DataUnavailableError, affine_test_set,  # noqa: E402
-                             center_on_canvas, default_data_dir, mnist_tensors, random_placement)
-from capstriton.evaluation import as_model_input  # noqa: E402
-from capstriton.experiments import EarlyStopping, train  # noqa: E402
-from capstriton.training import require_positive, resolve_device, write_metrics_csv  # noqa: E402
+from capstriton import training  # noqa: E402
+from capstriton.data import (  # noqa: E402
+    AFFINE_SEED,
+    AFFNIST_RANGES,
+    affine_test_set,
+    as_model_input,  # noqa: E402
+    center_on_canvas,
+    random_placement,
+)
+from capstriton.experiments import figures  # noqa: E402
+from capstriton.models import conv_baseline_matching, count_parameters  # noqa: E402
 
 CANVAS, PAD_SHIFT = 40, 6
 SPLIT_SEED, PLACEMENT_SEED = 0, 1
-# Full size: the paper's CapsNet on 40x40 inputs and a CNN of the paper's layout matched to it.
-FULL = {"conv_channels": 256, "primary_caps": 32, "cnn_channels": (256, 256, 128), "per_digit": 32,
-        "max_steps": 200_000, "eval_every": 0, "patience": 5, "time_budget": None, "val_size": 5000,
-        "test_digits": None}
-# CPU demo: narrowed models, a time budget per model, 1,000 validation digits, the first 2,000
-# test digits (2 transformations each for the affine test).
-DEMO = {"conv_channels": 64, "primary_caps": 4, "cnn_channels": (32, 64, 32), "per_digit": 2,
-        "max_steps": 100_000, "eval_every": 50, "patience": 4, "time_budget": 300.0, "val_size": 1000,
-        "test_digits": 2000}
+FULL, DEMO = training.AFFINE_FULL, training.AFFINE_CPU_DEMO
+METRIC_FIELDS = ["step", "epoch", "seconds", "lr", "train_loss", "val_acc", "best_val_acc"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,25 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conv-channels", type=int, default=None)
     p.add_argument("--primary-caps", type=int, default=None)
     p.add_argument("--cnn-channels", default=None, help="three comma-separated conv widths (full: 256,256,128)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/affine"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training digits")
     p.add_argument("--test-subset", type=int, default=None,
                    help="only the first N test digits (full: all 10000, demo: 2000)")
-    p.add_argument("--no-progress", action="store_true")
+    training.add_run_flags(p, out_dir="runs/affine")
     args = p.parse_args(argv)
     models = args.models.split(",")
     if not models or any(m not in ("capsnet", "cnn") for m in models):
         p.error(f"--models must list capsnet and/or cnn, got {args.models!r}")
-    require_positive(p, args, ints=("batch_size", "max_steps", "eval_every", "patience", "val_size", "per_digit",
-                                    "iterations", "conv_channels", "primary_caps", "threads", "eval_batch_size",
-                                    "train_subset", "test_subset"), floats=("time_budget",))
+    training.require_positive(p, args, ints=("batch_size", "max_steps", "eval_every", "patience", "val_size",
+                                             "per_digit", "iterations", "conv_channels", "primary_caps", "threads",
+                                             "eval_batch_size", "train_subset", "test_subset"), floats=("time_budget",))
     return args
 
 
@@ -133,21 +119,6 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, device, batch_si
     return correct / max(images.shape[0], 1)
 
 
-def batch_sampler(train_x: torch.Tensor, train_y: torch.Tensor, batch: int, gen: torch.Generator):
-    """Draws (x on 40x40 in [0, 1], y): digits in a fresh random order every epoch, each
-    placed at a fresh random position, on the data's device."""
-    state = {"perm": torch.empty(0, dtype=torch.long), "pos": 0}
-
-    def draw():
-        if state["pos"] + batch > state["perm"].numel():
-            state["perm"], state["pos"] = torch.randperm(train_x.shape[0], generator=gen, device=train_x.device), 0
-        idx = state["perm"][state["pos"]:state["pos"] + batch]
-        state["pos"] += batch
-        placed, _ = random_placement(train_x[idx], CANVAS, PAD_SHIFT, gen)
-        return as_model_input(placed), train_y[idx]
-    return draw
-
-
 def build_model(name: str, cfg: dict, capsnet_params: int | None, backend: str) -> torch.nn.Module:
     if name == "capsnet":
         m = cfg["model"]
@@ -166,56 +137,58 @@ def run_model(name: str, cfg: dict, data: dict, device, args, target: float | No
     print(f"[{name}] {params:,} parameters" + (f"; stops at validation accuracy {target:.4f} (CapsNet's best)"
                                                if target is not None else ""), flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + (0 if name == "capsnet" else 1))
-    draw = batch_sampler(data["train_x"], data["train_y"], cfg["batch_size"], gen)
+    # digits in a fresh random order every epoch, each placed at a fresh random position
+    batches = training.ShuffledBatches(data["train_x"], data["train_y"], cfg["batch_size"], drop_last=True,
+                                       prepare=lambda x, gen: as_model_input(random_placement(x, CANVAS, PAD_SHIFT,
+                                                                                              gen)[0]))
+    steps_per_epoch = max(1, batches.steps_per_epoch)
 
-    def loss_fn(step):
-        x, y = draw()
+    def loss_fn(x, y):
         if name == "cnn":
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(model(x), y), None
         lengths, recon, _ = model(x, y)
-        return ct.margin_loss(lengths, y) + cfg["recon_weight"] * ct.reconstruction_loss(recon, x)
+        return ct.margin_loss(lengths, y) + cfg["recon_weight"] * ct.reconstruction_loss(recon, x), None
 
-    stopper = EarlyStopping(patience=cfg["patience"], target=target)
-    history = []
-    steps_per_epoch = max(1, data["train_x"].shape[0] // cfg["batch_size"])
+    def evaluate(stats: dict) -> dict:
+        return {"step": stats["step"], "epoch": stats["step"] / steps_per_epoch, "seconds": stats["elapsed"],
+                "lr": stats["lr"], "train_loss": stats["train_loss"],
+                "val_acc": accuracy(model, data["val_x"], data["val_y"], device, args.eval_batch_size)}
 
-    def on_eval(step, stats):
-        val = accuracy(model, data["val_x"], data["val_y"], device, args.eval_batch_size)
-        stop = stopper.update(model, val, step)
-        history.append({**stats, "epoch": step / steps_per_epoch, "val_acc": val, "best_val_acc": stopper.best})
-        write_metrics_csv(args.out_dir / f"metrics_{name}.csv", history,
-                          ["step", "epoch", "seconds", "lr", "train_loss", "val_acc", "best_val_acc"])
-        print(f"[{name}] step {step} ({step / steps_per_epoch:.2f} epochs, {stats['seconds']:.0f} s): "
-              f"train loss {stats['train_loss']:.4f}, validation accuracy {val:.4f} (best {stopper.best:.4f})",
+    def record(row: dict, stats: dict) -> None:
+        training.write_metrics_csv(args.out_dir / f"metrics_{name}.csv", loop.history, METRIC_FIELDS)
+        print(f"[{name}] step {row['step']} ({row['epoch']:.2f} epochs, {row['seconds']:.0f} s): train loss "
+              f"{row['train_loss']:.4f}, validation accuracy {row['val_acc']:.4f} (best {row['best_val_acc']:.4f})",
               flush=True)
-        return stop
 
-    run = train(model, optimizer, loss_fn, steps=cfg["max_steps"], lr=cfg["lr"], time_budget=cfg["time_budget"],
-                eval_every=cfg["eval_every"] or steps_per_epoch, on_eval=on_eval, desc=name,
-                progress=not args.no_progress)
+    stopper = training.EarlyStopping(patience=cfg["patience"], target=target)
+    loop = training.Loop(model, optimizer, training.make_step(loss_fn, optimizer), batches,
+                         total_steps=cfg["max_steps"], seed=cfg["seed"] + (0 if name == "capsnet" else 1),
+                         schedule=lambda step, elapsed: training.paper_lr(cfg["lr"], step),
+                         time_budget=cfg["time_budget"], evaluate=evaluate,
+                         eval_every=cfg["eval_every"] or steps_per_epoch, early_stopping=stopper, score="val_acc",
+                         on_record=record, progress=not args.no_progress, desc=name)
+    run = loop.run()
     stopper.restore(model)
     result = {"parameters": params, "steps": run["steps"], "train_seconds": run["seconds"],
-              "stopped_by": stopper.reason or run["stopped_by"], "kept_step": stopper.best_step,
-              "val_accuracy": stopper.best,
+              "stopped_by": stopper.reason or ("time budget" if run["reason"] == "time" else "steps"),
+              "kept_step": stopper.best_step, "val_accuracy": stopper.best,
               "clean_accuracy": accuracy(model, data["clean_x"], data["test_y"], device, args.eval_batch_size),
               "affine_accuracy": accuracy(model, data["affine_x"], data["affine_y"], device, args.eval_batch_size)}
     args_out = {**cfg, "kind": name}
     if name == "cnn":
         args_out["model"] = {"kind": "cnn", "channels": cfg["cnn_channels"],
                              "hidden": [model.classifier[1].out_features, model.classifier[3].out_features]}
-    save_checkpoint(args.out_dir / name / "checkpoint.pt", model=model, epoch=int(run["steps"] // steps_per_epoch),
-                    step=run["steps"], args=args_out, history=history, result=result)
+    training.save_checkpoint(args.out_dir / name / "checkpoint.pt", model=model,
+                             epoch=int(run["steps"] // steps_per_epoch), step=run["steps"], args=args_out,
+                             history=loop.history, result=result)
     print(f"[{name}] kept step {stopper.best_step} ({result['stopped_by']}): validation {stopper.best:.4f}, "
           f"clean test {result['clean_accuracy']:.4f}, affine test {result['affine_accuracy']:.4f}", flush=True)
     return result
 
 
 def prepare_data(args, cfg: dict, device) -> dict:
-    try:
-        mnist = mnist_tensors(args.data_dir or default_data_dir(), download=not args.no_download)
-    except DataUnavailableError as e:
-        raise SystemExit(str(e)) from None
+    mnist = training.load_classification_data(args.data_dir, "mnist", training.Distributed(),
+                                              download=not args.no_download)
     split = torch.randperm(mnist["train_x"].shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED),
                            device="cpu")
     val_idx, train_idx = split[:cfg["val_size"]], split[cfg["val_size"]:]
@@ -262,7 +235,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = training.resolve_device(args.device)
     backend = args.backend
     cfg = resolve(args, device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,10 +258,9 @@ def main(argv=None) -> dict:
             target, capsnet_params = results[name]["val_accuracy"], results[name]["parameters"]
     summary = {"config": cfg, "results": results, "affine_images": int(data["affine_x"].shape[0]),
                "clean_images": int(data["clean_x"].shape[0]), "seconds": time.perf_counter() - t0}
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(args.out_dir / "summary.json", lambda f: f.write(text.encode()))
+    training.write_json(args.out_dir / "summary.json", summary)
     md = results_markdown(summary)
-    atomic_write(args.out_dir / "results.md", lambda f: f.write(md.encode()))
+    training.write_text(args.out_dir / "results.md", md)
     print(md, flush=True)
     print(f"done ({cfg['mode']}) in {summary['seconds']:.0f} s; outputs in {args.out_dir}/", flush=True)
     return summary

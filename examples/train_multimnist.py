@@ -32,25 +32,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import capstriton as ct  # noqa: E402
-from capstriton import figures  # noqa: E402
-from capstriton._io import atomic_write  # noqa: E402
-from capstriton.checkpoint import save_checkpoint  # noqa: E402
-from capstriton.data import (MULTIMNIST_CANVAS, MULTIMNIST_SHIFT, MULTIMNIST_TEST_SEED,  # noqa: E402
-                             MULTIMNIST_TEST_SIZE, DataUnavailableError, default_data_dir, mnist_tensors,
-                             multimnist_batch, multimnist_test_set)
-from capstriton.decoding import decode_capsule  # noqa: E402
-from capstriton.evaluation import as_model_input  # noqa: E402
-from capstriton.experiments import train  # noqa: E402
-from capstriton.multimnist import multimnist_loss, pair_errors, top2  # noqa: E402
-from capstriton.training import require_positive, resolve_device, write_metrics_csv  # noqa: E402
+from capstriton import training  # noqa: E402
+from capstriton.data import (  # noqa: E402
+    MULTIMNIST_CANVAS,
+    MULTIMNIST_SHIFT,
+    MULTIMNIST_TEST_SEED,
+    MULTIMNIST_TEST_SIZE,
+    as_model_input,  # noqa: E402
+    multimnist_batch,
+    multimnist_test_set,
+)
+from capstriton.experiments import figures  # noqa: E402
+from capstriton.experiments.decoding import decode_capsule  # noqa: E402
+from capstriton.experiments.evaluation import predict  # noqa: E402
+from capstriton.experiments.multimnist import multimnist_loss, pair_errors, top2  # noqa: E402
 
 VAL_SEED, VAL_SIZE = 4321, 1000
-# Full size: the paper's CapsNet on 36x36; 468,750 steps of 128 = the paper's 60M training pairs.
-FULL = {"conv_channels": 256, "primary_caps": 32, "steps": 468_750, "eval_every": 10_000, "time_budget": None,
-        "test_size": MULTIMNIST_TEST_SIZE}
-# CPU demo: narrowed model, a wall-clock budget, the first 2,000 test images.
-DEMO = {"conv_channels": 64, "primary_caps": 4, "steps": 1_000_000, "eval_every": 100, "time_budget": 480.0,
-        "test_size": 2000}
+FULL, DEMO = training.MULTIMNIST_FULL, training.MULTIMNIST_CPU_DEMO
+METRIC_FIELDS = ["step", "seconds", "lr", "train_loss", "val_pair_error"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,18 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--conv-channels", type=int, default=None)
     p.add_argument("--primary-caps", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/multimnist"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--eval-batch-size", type=int, default=500)
-    p.add_argument("--no-progress", action="store_true")
+    training.add_run_flags(p, out_dir="runs/multimnist")
     args = p.parse_args(argv)
-    require_positive(p, args, ints=("steps", "batch_size", "eval_every", "test_size", "iterations", "conv_channels",
-                                    "primary_caps", "threads", "eval_batch_size"), floats=("time_budget",))
+    training.require_positive(p, args, ints=("steps", "batch_size", "eval_every", "test_size", "iterations",
+                                             "conv_channels", "primary_caps", "threads", "eval_batch_size"),
+                              floats=("time_budget",))
     if args.test_size is not None and args.test_size > MULTIMNIST_TEST_SIZE:
         p.error(f"--test-size must be at most {MULTIMNIST_TEST_SIZE}, got {args.test_size}")
     return args
@@ -100,17 +92,6 @@ def resolve(args, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict_pairs(model, images_u8: torch.Tensor, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two longest capsules' classes (N, 2) and the capsules (N, K, D), on the CPU."""
-    pairs, capsules = [], []
-    for start in range(0, images_u8.shape[0], batch_size):
-        lengths, _, v = model(as_model_input(images_u8[start:start + batch_size].to(device)))
-        pairs.append(top2(lengths).cpu())
-        capsules.append(v.float().cpu())
-    return torch.cat(pairs), torch.cat(capsules)
-
-
-@torch.no_grad()
 def save_overlays(model, path: Path, test: dict, pred: torch.Tensor, capsules: torch.Tensor, idx: torch.Tensor,
                   device, title: str) -> None:
     """Inputs above the reconstructions of the two predicted classes (red: longest, green: second)."""
@@ -126,7 +107,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = training.resolve_device(args.device)
     cfg = resolve(args, device)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +118,8 @@ def main(argv=None) -> dict:
               "not the paper's; run on a CUDA machine or pass --full for the paper's model.", flush=True)
     print("config: " + json.dumps(cfg), flush=True)
     t0 = time.perf_counter()
-    try:
-        mnist = mnist_tensors(args.data_dir or default_data_dir(), download=not args.no_download)
-    except DataUnavailableError as e:
-        raise SystemExit(str(e)) from None
+    mnist = training.load_classification_data(args.data_dir, "mnist", training.Distributed(),
+                                              download=not args.no_download)
     test = multimnist_test_set(mnist["test_x"], mnist["test_y"])
     test = {k: v[:cfg["test_size"]] for k, v in test.items()}
     val = multimnist_test_set(mnist["train_x"], mnist["train_y"], VAL_SIZE, seed=VAL_SEED)
@@ -153,29 +132,35 @@ def main(argv=None) -> dict:
     params = sum(p.numel() for p in model.parameters())
     print(f"model: CapsNet for {MULTIMNIST_CANVAS}x{MULTIMNIST_CANVAS}, {params:,} parameters", flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
 
-    def loss_fn(step):
+    def draw(gen):  # pairs drawn afresh on the training device for every batch
         batch = multimnist_batch(train_x, train_y, cfg["batch_size"], gen)
-        x, sources = as_model_input(batch["x"]), batch["sources"].float().div_(255.0)
-        return multimnist_loss(model, x, sources, batch["labels"], cfg["recon_weight"])[0]
+        return as_model_input(batch["x"]), batch["sources"].float().div_(255.0), batch["labels"]
 
-    history = []
+    def loss_fn(x, sources, labels):
+        return multimnist_loss(model, x, sources, labels, cfg["recon_weight"])[0], None
 
-    def on_eval(step, stats):
-        pred, _ = predict_pairs(model, val["x"], device, args.eval_batch_size)
-        err = float(pair_errors(pred, val["labels"]).float().mean())
-        history.append({**stats, "val_pair_error": err})
-        write_metrics_csv(out / "metrics.csv", history, ["step", "seconds", "lr", "train_loss", "val_pair_error"])
-        save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, epoch=0, step=step, args=cfg,
-                        history=history)
-        print(f"step {step} ({stats['seconds']:.0f} s): train loss {stats['train_loss']:.4f}, "
-              f"validation pair error {100 * err:.2f}%", flush=True)
-        return False
+    def evaluate(stats: dict) -> dict:
+        wrong = pair_errors(top2(predict(model, val["x"], device, args.eval_batch_size)[0]), val["labels"])
+        return {"step": stats["step"], "seconds": stats["elapsed"], "lr": stats["lr"],
+                "train_loss": stats["train_loss"], "val_pair_error": float(wrong.float().mean())}
 
-    run = train(model, optimizer, loss_fn, steps=cfg["steps"], lr=cfg["lr"], time_budget=cfg["time_budget"],
-                eval_every=cfg["eval_every"], on_eval=on_eval, desc="multimnist", progress=not args.no_progress)
-    pred, capsules = predict_pairs(model, test["x"], device, args.eval_batch_size)
+    def record(row: dict, stats: dict) -> None:
+        training.write_metrics_csv(out / "metrics.csv", loop.history, METRIC_FIELDS)
+        training.save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, epoch=0, step=row["step"],
+                                 args=cfg, history=loop.history)
+        print(f"step {row['step']} ({row['seconds']:.0f} s): train loss {row['train_loss']:.4f}, "
+              f"validation pair error {100 * row['val_pair_error']:.2f}%", flush=True)
+
+    loop = training.Loop(model, optimizer, training.make_step(loss_fn, optimizer),
+                         training.DrawnBatches(draw, steps_per_epoch=cfg["steps"]), total_steps=cfg["steps"],
+                         seed=cfg["seed"], schedule=lambda step, elapsed: training.paper_lr(cfg["lr"], step),
+                         time_budget=cfg["time_budget"], evaluate=evaluate, eval_every=cfg["eval_every"],
+                         on_record=record, progress=not args.no_progress, desc="multimnist")
+    run = loop.run()
+    run["stopped_by"] = {None: "steps", "time": "time budget"}[run["reason"]]
+    lengths, capsules = predict(model, test["x"], device, args.eval_batch_size)
+    pred = top2(lengths)
     wrong = pair_errors(pred, test["labels"])
     error = float(wrong.float().mean())
     save_overlays(model, out / "multimnist_reconstructions.png", test, pred, capsules, torch.arange(min(10, len(pred))),
@@ -187,13 +172,12 @@ def main(argv=None) -> dict:
                "images_seen": run["steps"] * cfg["batch_size"], "stopped_by": run["stopped_by"],
                "test_images": len(pred), "test_pair_error": error, "test_pairs_wrong": int(wrong.sum()),
                "seconds": time.perf_counter() - t0}
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out / "summary.json", lambda f: f.write(text.encode()))
+    training.write_json(out / "summary.json", summary)
     md = (f"# MultiMNIST ({cfg['mode']}, {cfg['device']})\n\nCapsNet {cfg['model']}, {params:,} parameters, "
           f"{run['steps']} steps of {cfg['batch_size']} pairs ({run['seconds']:.0f} s).\n\n"
           f"**Pair error: {100 * error:.2f}%** ({int(wrong.sum())} of {len(pred)} test images; test seed "
           f"{MULTIMNIST_TEST_SEED}).\n")
-    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
+    training.write_text(out / "results.md", md)
     print(f"done ({cfg['mode']}): {run['steps']} steps in {run['seconds']:.0f} s; test pair error "
           f"{100 * error:.2f}% on {len(pred)} images; outputs in {out}/", flush=True)
     return summary

@@ -2,7 +2,7 @@
 """Train a small capsule network with a chosen routing algorithm on MNIST, within a wall-clock
 budget: conv 9x9 (64) -> primary capsules (8 types x 6 x 6, dim 8) -> DigitCaps(routing=...)
 (10 x 16) -> a linear head per class capsule -> cross-entropy (inverted-attention outputs are
-LayerNorm-ed, so their lengths carry no probability).
+LayerNorm-ed, so their lengths carry no probability).  Any registered routing can be chosen.
 
     python examples/train_routing_family.py --routing inverted-attention --time-budget 120
 """
@@ -18,8 +18,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import capstriton as ct  # noqa: E402
-from capstriton.data import mnist_tensors  # noqa: E402
-from capstriton.layers import ROUTINGS  # noqa: E402
+from capstriton import training  # noqa: E402
+from capstriton.data import (
+    as_model_input,  # noqa: E402
+    mnist_tensors,  # noqa: E402
+)
+
+NO_STEP_LIMIT = 10**12  # the time budget ends the run
 
 
 class RoutedCapsNet(nn.Module):
@@ -39,15 +44,15 @@ class RoutedCapsNet(nn.Module):
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size=500) -> float:
     model.eval()
-    correct = sum(int((model(images[s:s + batch_size].unsqueeze(1).float().div(255.0)).argmax(1)
-                       == labels[s:s + batch_size]).sum()) for s in range(0, images.shape[0], batch_size))
+    correct = sum(int((model(as_model_input(images[s:s + batch_size])).argmax(1) == labels[s:s + batch_size]).sum())
+                  for s in range(0, images.shape[0], batch_size))
     model.train()
     return correct / images.shape[0]
 
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--routing", choices=ROUTINGS, default="inverted-attention")
+    p.add_argument("--routing", choices=ct.routing_names(), default="inverted-attention")
     p.add_argument("--time-budget", type=float, default=120.0, help="seconds of training")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam; decays exponentially to lr/20 over the budget")
@@ -61,25 +66,33 @@ def main(argv=None) -> float:
     torch.manual_seed(args.seed)
     data = mnist_tensors(log=print)
     model = RoutedCapsNet(args.routing, args.backend)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     n, bs = data["train_x"].shape[0], args.batch_size
     print(f"routing={args.routing}: {sum(q.numel() for q in model.parameters()):,} parameters")
-    start, step = time.time(), 0
-    while time.time() - start < args.time_budget and step < (args.max_steps or float("inf")):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * 0.05 ** ((time.time() - start) / args.time_budget)
-        idx = torch.randint(0, n, (bs,))
-        loss = nn.functional.cross_entropy(model(data["train_x"][idx].unsqueeze(1).float().div(255.0)),
-                                           data["train_y"][idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 200 == 0:
-            print(f"step {step}: {time.time() - start:.0f} s, loss {float(loss):.4f}", flush=True)
+    schedule = {"schedule": "budget", "lr": args.lr, "lr_final": 0.05, "time_budget": args.time_budget}
+
+    def draw(gen):  # images drawn at random, with replacement
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        return as_model_input(data["train_x"][idx]), data["train_y"][idx]
+
+    def loss_fn(x, y):
+        return nn.functional.cross_entropy(model(x), y), None
+
+    def report(stats: dict) -> dict:
+        return {"step": stats["step"], "seconds": stats["elapsed"], "train_loss": stats["train_loss"]}
+
+    start = time.perf_counter()
+    batches = training.DrawnBatches(draw, steps_per_epoch=n // bs)
+    loop = training.Loop(model, optimizer, training.make_step(loss_fn, optimizer), batches,
+                         total_steps=args.max_steps or NO_STEP_LIMIT, seed=args.seed,
+                         schedule=lambda step, elapsed: training.learning_rate(schedule, step, elapsed, None),
+                         time_budget=args.time_budget, evaluate=report, eval_every=200, progress=False,
+                         on_record=lambda row, stats: print(f"step {row['step']}: {row['seconds']:.0f} s, loss "
+                                                            f"{row['train_loss']:.4f}", flush=True))
+    step = loop.run()["steps"]
     k = args.test_subset or data["test_x"].shape[0]
     acc = evaluate(model, data["test_x"][:k], data["test_y"][:k])
-    print(f"done: routing={args.routing}, {step * bs} training images in {time.time() - start:.0f} s, "
+    print(f"done: routing={args.routing}, {step * bs} training images in {time.perf_counter() - start:.0f} s, "
           f"test accuracy {100 * acc:.2f}% on {k} test images")
     return acc
 

@@ -92,14 +92,6 @@ def on_device(tensor: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def use_tuned_configs() -> None:
-    """Seed the autotuners once per process with the winners `python -m capstriton.tune`
-    saved for this GPU (no-op under the interpreter; never raises)."""
-    from capstriton.tune import ensure_tuned_configs_loaded
-
-    ensure_tuned_configs_loaded()
-
-
 _CHOSEN_CONFIGS: dict = {}
 
 

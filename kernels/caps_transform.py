@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, on_device,
-                      use_tuned_configs)
+from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, on_device
+from .autotune_cache import ensure_tuned_configs_loaded
 from .partials import MAX_GROUPS, sum_partials
 
 _TARGET_PROGRAMS = 1024  # grad_W programs wanted before adding batch groups
@@ -56,7 +56,7 @@ _FMA_DOT_BUDGET = 256  # BLOCK_B * BLOCK_N * BLOCK_K per thread above which fp32
 def prune_fp32_fma_configs(configs, named_args, **kwargs):
     """An fp32 "ieee" tl.dot runs on the FMA units with both operands replicated in registers, so
     large tiles spill (tensor-core dots do not).  Drop those (keep the smallest if none fits)."""
-    first = next(iter(named_args.values()))
+    first = next(v for v in {**named_args, **kwargs}.values() if isinstance(v, torch.Tensor))  # launched by keyword
     if kwargs.get("INPUT_PRECISION") != "ieee" or first.dtype != torch.float32:
         return configs
 
@@ -120,7 +120,7 @@ def caps_transform_bwd_u_kernel(
     BLOCK_B: tl.constexpr,   # samples per program
     BLOCK_N: tl.constexpr,   # reduction chunk over N
     BLOCK_K: tl.constexpr,   # grad_u columns (of Din) per program, power of two >= 16
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # as in the forward
 ):
     pid = tl.program_id(0).to(tl.int64)
     k_blocks = tl.cdiv(DIN, BLOCK_K)
@@ -156,7 +156,7 @@ def caps_transform_bwd_w_kernel(
     BLOCK_B: tl.constexpr,   # batch rows per step of the reduction
     BLOCK_N: tl.constexpr,   # rows of the grad_W tile
     BLOCK_K: tl.constexpr,   # columns of the grad_W tile (of Din), power of two >= 16
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # as in the forward
 ):
     pid = tl.program_id(0).to(tl.int64)
     k_blocks = tl.cdiv(DIN, BLOCK_K)
@@ -206,7 +206,7 @@ def num_batch_groups(B: int, I: int, N: int, Din: int) -> int:
 
 def caps_transform_fwd(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """u (B, I, Din), W (I, J, Dout, Din), contiguous, same dtype -> u_hat (B, I, J, Dout)."""
-    use_tuned_configs()
+    ensure_tuned_configs_loaded()
     with on_device(u):
         return _caps_transform_fwd(u, W)
 
@@ -220,8 +220,8 @@ def _caps_transform_fwd(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * I * triton.cdiv(B, meta["BLOCK_B"]),)
 
-    caps_transform_fwd_kernel[grid](u, W, out, B, I, N, Din, batch_bucket(B), BLOCK_K=_k_min(u.dtype),
-                                    INPUT_PRECISION=dot_precision(u.dtype))
+    caps_transform_fwd_kernel[grid](u_ptr=u, w_ptr=W, out_ptr=out, B=B, I=I, N=N, DIN=Din, B_BUCKET=batch_bucket(B),
+                                    BLOCK_K=_k_min(u.dtype), INPUT_PRECISION=dot_precision(u.dtype))
     return out
 
 
@@ -229,7 +229,7 @@ def caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
                        groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (grad_u, grad_W) of caps_transform_fwd given grad = dL/du_hat (all contiguous).
     ``groups`` overrides the number of batch groups of the grad_W reduction (tests)."""
-    use_tuned_configs()
+    ensure_tuned_configs_loaded()
     with on_device(u):
         return _caps_transform_bwd(u, W, grad, groups)
 
@@ -246,7 +246,8 @@ def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
 
     grad_u = empty(B, I, Din, dtype=u.dtype, device=u.device)
     caps_transform_bwd_u_kernel[lambda meta: (k_blocks * I * triton.cdiv(B, meta["BLOCK_B"]),)](
-        grad, W, grad_u, B, I, N, Din, bucket, BLOCK_K=block_k, INPUT_PRECISION=precision)
+        g_ptr=grad, w_ptr=W, gu_ptr=grad_u, B=B, I=I, N=N, DIN=Din, B_BUCKET=bucket, BLOCK_K=block_k,
+        INPUT_PRECISION=precision)
 
     G = num_batch_groups(B, I, N, Din) if groups is None else int(groups)
     if not 1 <= G <= MAX_GROUPS:
@@ -254,7 +255,8 @@ def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
     # with one group the kernel writes grad_W itself, in W's dtype
     partial = empty(G, *W.shape, dtype=W.dtype if G == 1 else torch.float32, device=W.device)
     caps_transform_bwd_w_kernel[lambda meta: (k_blocks * triton.cdiv(N, meta["BLOCK_N"]) * I * G,)](
-        grad, u, partial, B, I, N, Din, bucket, G, BLOCK_K=block_k, INPUT_PRECISION=precision)
+        g_ptr=grad, u_ptr=u, out_ptr=partial, B=B, I=I, N=N, DIN=Din, B_BUCKET=bucket, G=G, BLOCK_K=block_k,
+        INPUT_PRECISION=precision)
     return grad_u, sum_partials(partial, W.dtype)
 
 

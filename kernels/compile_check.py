@@ -1,8 +1,10 @@
 """Compile every kernel for sm_80 and sm_90 without a GPU and report its resource usage.
 
     python -m capstriton.kernels.compile_check [--arch 80 90] [--jobs 2] [--json out.json] [--summary]
+                                               [--defaults-only]
 
-Every kernel module in this package exports ``COMPILE_CASES``, a list of dicts:
+Every kernel module of this package and its subpackages (found by walking them, so a new
+``routing/<algorithm>.py`` needs no list entry) exports ``COMPILE_CASES``, a list of dicts:
     name        str, unique label of the case
     fn          the @triton.jit function (an autotuned/heuristics wrapper is unwrapped)
     signature   {arg name: triton type string}, e.g. "*fp32", "*fp16", "i32", "fp32"
@@ -23,7 +25,10 @@ that the registers, warps and shared memory allow, see ``resident_warps``), ``ba
 count of CTA-wide ``bar.sync`` / ``barrier.sync`` instructions in the PTX) and ``sass``: the static
 instruction mix of the cubin (``cuobjdump -sass``, bundled with triton) with ``ffma_share`` =
 FFMA / (FFMA + FMUL + FADD + SHFL + BAR + LDS + STS).  ``--summary`` prints these for the
-default config of every case name.
+default config of every case name; ``--defaults-only`` compiles only those (one per case name
+and arch), the full sweep compiles every config the autotune lists keep.  ``--no-sass`` skips
+the SASS mix (``sass`` is None): cuobjdump costs about 0.35 s of CPU per kernel, more than the
+compile itself, so the test suite's check (``--defaults-only --no-sass``) leaves it out.
 
 Exit status: 0 when every case compiles without spills, 1 otherwise, 2 when no case is found.
 Compiling needs real @triton.jit functions, so under TRITON_INTERPRET=1 the tool re-runs itself
@@ -35,8 +40,8 @@ import argparse
 import contextlib
 import hashlib
 import importlib
-import io
 import inspect
+import io
 import json
 import os
 import pkgutil
@@ -46,17 +51,19 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-from capstriton.kernels._common import interpreter_enabled
+from ._common import interpreter_enabled
 
 DEFAULT_ARCHS = (80, 90)
-_SKIP_MODULES = {"compile_check"}
+_SKIP_MODULES = {"compile_check", "autotune_cache"}
 
 
 def kernel_modules() -> list[str]:
-    """Names of the kernel modules of this package (private helpers and this tool excluded)."""
-    pkg = importlib.import_module(__package__ or "capstriton.kernels")
-    return sorted(f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
-                  if not m.name.startswith("_") and m.name not in _SKIP_MODULES)
+    """Names of the kernel modules of this package and its subpackages (private helpers, packages
+    and this tool excluded)."""
+    pkg = importlib.import_module(__package__)
+    return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg.__name__}.")
+                  if not m.ispkg and not m.name.rsplit(".", 1)[-1].startswith("_")
+                  and m.name.rsplit(".", 1)[-1] not in _SKIP_MODULES)
 
 
 def collect_cases() -> tuple[list[tuple[str, int, dict]], dict[str, str]]:
@@ -329,8 +336,9 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> dict:
-    """Compile one case for compute capability ``cc`` and measure it (runs in a worker)."""
+def compile_case(module: str, index: int, cc: int, use_cache: bool = True, sass: bool = True) -> dict:
+    """Compile one case for compute capability ``cc`` and measure it (runs in a worker); without
+    ``sass`` the row's SASS mix is None (unless the cache holds it)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -355,17 +363,21 @@ def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> di
             cache_file = os.path.join(_results_cache_dir(), f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
         log = printed.getvalue()
         fresh = bool(_RE_REGS.search(log))  # fresh compile: triton printed its own ptxas log
-        stats = None
+        stats, measured = None, False
         if not fresh and use_cache and cache_file and os.path.exists(cache_file):
             with open(cache_file) as f:
                 stats = json.load(f)
         if stats is None:
             stats = parse_ptxas_log(log) if fresh else _run_ptxas(compiled.asm["ptx"], flags, sm)
             stats["bar_sync"] = count_bar_sync(compiled.asm["ptx"])
+            measured = True
+        if sass and stats.get("sass") is None:
             stats["sass"] = _sass_mix(compiled.asm["cubin"])
-            if cache_file:
-                _write_json_atomic(cache_file, stats)
+            measured = True
+        if measured and cache_file:
+            _write_json_atomic(cache_file, stats)
         row.update(stats)
+        row.setdefault("sass", None)
         row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0) + row.pop("static_smem_bytes")
         row["resident_warps_per_sm"] = (resident_warps(cc, row["registers"], num_warps, row["shared_bytes"])
                                         if cc in SM_LIMITS else None)
@@ -375,7 +387,7 @@ def compile_case(module: str, index: int, cc: int, use_cache: bool = True) -> di
     return row
 
 
-def _run_all(jobs: list[tuple[str, int, int, bool]], workers: int) -> list[dict]:
+def _run_all(jobs: list[tuple[str, int, int, bool, bool]], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) <= 1:
         return [compile_case(*j) for j in jobs]
     import multiprocessing as mp
@@ -386,7 +398,7 @@ def _run_all(jobs: list[tuple[str, int, int, bool]], workers: int) -> list[dict]
 
 
 def _ffma_shfl(r: dict) -> str:
-    return f"{r['sass']['FFMA']}:{r['sass']['SHFL']}"
+    return f"{r['sass']['FFMA']}:{r['sass']['SHFL']}" if r["sass"] else "-"
 
 
 def _render(head: list[str], body: list[list[str]]) -> str:
@@ -416,7 +428,7 @@ def format_summary(rows: list[dict]) -> str:
     per SM, bar.sync, FFMA:SHFL and the FFMA share; names without a default case are listed."""
     head = ["kernel", "arch", "warps", "registers", "resident warps/SM", "bar.sync", "FFMA:SHFL", "FFMA share"]
     body = [[r["name"], r["arch"], str(r["num_warps"]), str(r["registers"]), str(r["resident_warps_per_sm"]),
-             str(r["bar_sync"]), _ffma_shfl(r), f"{r['sass']['ffma_share']:.2f}"]
+             str(r["bar_sync"]), _ffma_shfl(r), f"{r['sass']['ffma_share']:.2f}" if r["sass"] else "-"]
             for r in rows if r["default"] and r["ok"]]
     lines = [_render(head, body)] if body else ["no compiled case is marked default"]
     marked = {r["name"] for r in rows if r["default"]}
@@ -441,20 +453,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="re-run ptxas instead of using cached numbers")
     parser.add_argument("--summary", action="store_true",
                         help="after the table, print the default config of every case name")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="compile only the cases marked default (the config a launcher uses before any tuning)")
+    parser.add_argument("--no-sass", action="store_true",
+                        help="skip the SASS instruction mix (cuobjdump), the slowest step of a fresh compile")
     args = parser.parse_args(argv)
 
     if interpreter_enabled():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "capstriton.kernels.compile_check", *argv], env=env)
+        return subprocess.call([sys.executable, "-m", f"{__package__}.compile_check", *argv], env=env)
 
     cases, import_errors = collect_cases()
     for mod, err in import_errors.items():
         print(f"error: cannot import {mod}: {err}", file=sys.stderr)
-    cases = [c for c in cases if args.only in c[2]["name"]]
+    cases = [c for c in cases if args.only in c[2]["name"] and (c[2].get("default") or not args.defaults_only)]
     if not cases:
         print("error: no COMPILE_CASES found in the kernel modules", file=sys.stderr)
         return 2
-    jobs = [(mod, idx, cc, not args.no_cache) for mod, idx, _ in cases for cc in args.arch]
+    jobs = [(mod, idx, cc, not args.no_cache, not args.no_sass) for mod, idx, _ in cases for cc in args.arch]
     rows = _run_all(jobs, args.jobs)
     print(format_table(rows))
     if args.summary:

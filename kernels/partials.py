@@ -22,7 +22,7 @@ def sum_partials_kernel(
     out_ptr,          # (E,) result, any float dtype (written)
     E,                # elements per partial
     G,                # number of partials, summed in order 0..G-1
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per program
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < E
@@ -41,8 +41,8 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return partials[0]
     out = empty(*partials.shape[1:], dtype=dtype, device=partials.device)
     E = out.numel()
-    sum_partials_kernel[(cdiv(E, SUM_BLOCK),)](partials, out, E, partials.shape[0], BLOCK=SUM_BLOCK,
-                                                      num_warps=4)
+    sum_partials_kernel[(cdiv(E, SUM_BLOCK),)](p_ptr=partials, out_ptr=out, E=E, G=partials.shape[0], BLOCK=SUM_BLOCK,
+                                               num_warps=4)
     return out
 
 

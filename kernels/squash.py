@@ -95,8 +95,8 @@ def squash_bwd_kernel(
     R,                # number of rows
     D,                # row length
     eps,              # fp32 epsilon
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -124,8 +124,8 @@ def squash_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
     y = empty(*x.shape, dtype=x.dtype, device=x.device)
     block_r, block_d, warps = _launch_params(D)
     with on_device(x):
-        squash_fwd_kernel[(triton.cdiv(R, block_r),)](x, y, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                      num_warps=warps)
+        squash_fwd_kernel[(triton.cdiv(R, block_r),)](x_ptr=x, y_ptr=y, R=R, D=D, eps=eps, BLOCK_R=block_r,
+                                                      BLOCK_D=block_d, num_warps=warps)
     return y
 
 
@@ -136,8 +136,8 @@ def squash_bwd(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
     dx = empty(*x.shape, dtype=x.dtype, device=x.device)
     block_r, block_d, warps = _launch_params(D)
     with on_device(x):
-        squash_bwd_kernel[(triton.cdiv(R, block_r),)](x, dy, dx, R, D, eps, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                      num_warps=warps)
+        squash_bwd_kernel[(triton.cdiv(R, block_r),)](x_ptr=x, dy_ptr=dy, dx_ptr=dx, R=R, D=D, eps=eps,
+                                                      BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     return dx
 
 

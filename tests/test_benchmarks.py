@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_digitcaps  # noqa: E402
 import harness  # noqa: E402
+
 PROVIDERS = {"fused", "unfused", "eager", "compiled"}
 MODES = {"forward", "backward", "full"}
 

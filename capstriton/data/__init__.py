@@ -4,18 +4,54 @@
 * ``mnist``: those files as torchvision datasets or in-memory tensors;
 * ``canvas``: digits centred or randomly placed on a larger canvas (the 40x40 translated MNIST);
 * ``affine``: the affNIST-style test set built from the MNIST test digits;
-* ``multimnist``: overlapping digit pairs (streamed for training, a fixed seeded test set).
+* ``multimnist``: overlapping digit pairs (streamed for training, a fixed seeded test set);
+* ``augment``: the random affine jitter of the Efficient-CapsNet recipe.
 """
-from . import affine, canvas, mnist, multimnist, provision  # noqa: F401
-from .affine import *  # noqa: F401,F403
-from .canvas import *  # noqa: F401,F403
-from .mnist import *  # noqa: F401,F403
-from .multimnist import *  # noqa: F401,F403
-from .provision import *  # noqa: F401,F403
-from .provision import (  # noqa: F401  public names of the former single module
-    FASHION_DEB, FASHION_DEB_DIR, HUB_MEMBER, HUB_MEMBER_MAX_BYTES, HUB_MEMBER_SHA256, HUB_PICKLE_MAX_BYTES,
-    HUB_REQUIREMENT, HUB_WHEEL, IMAGE_SIZE, check_idx, idx_files_from_nielsen, pixels_to_uint8, read_hub_pickle,
-    unpickle_nielsen,
+from .affine import (
+    AFFINE_SEED,
+    AFFNIST_CANVAS,
+    AFFNIST_PER_DIGIT,
+    AFFNIST_RANGES,
+    affine_test_set,
+    affine_transform,
+    ink_boxes,
+    linear_part,
+    sample_affine_params,
+)
+from .augment import augment
+from .canvas import center_on_canvas, paste, random_placement
+from .mnist import as_model_input, load_mnist, mnist_tensors
+from .multimnist import (
+    MULTIMNIST_CANVAS,
+    MULTIMNIST_SHIFT,
+    MULTIMNIST_TEST_SEED,
+    MULTIMNIST_TEST_SIZE,
+    draw_pairs,
+    multimnist_batch,
+    multimnist_test_set,
+    overlay,
+)
+from .provision import (
+    DATASETS,
+    FASHION_MNIST_FILES,
+    MNIST_FILES,
+    DataIntegrityError,
+    DataUnavailableError,
+    check_dataset,
+    default_data_dir,
+    prepare_mnist,
+    raw_dir,
 )
 
-__all__ = (provision.__all__ + mnist.__all__ + canvas.__all__ + affine.__all__ + multimnist.__all__)
+__all__ = [
+    "as_model_input",
+    "AFFINE_SEED", "AFFNIST_CANVAS", "AFFNIST_PER_DIGIT", "AFFNIST_RANGES", "affine_test_set", "affine_transform",
+    "ink_boxes", "linear_part", "sample_affine_params",
+    "augment",
+    "center_on_canvas", "paste", "random_placement",
+    "load_mnist", "mnist_tensors",
+    "MULTIMNIST_CANVAS", "MULTIMNIST_SHIFT", "MULTIMNIST_TEST_SEED", "MULTIMNIST_TEST_SIZE", "draw_pairs",
+    "multimnist_batch", "multimnist_test_set", "overlay",
+    "DATASETS", "FASHION_MNIST_FILES", "MNIST_FILES", "DataIntegrityError", "DataUnavailableError", "check_dataset",
+    "default_data_dir", "prepare_mnist", "raw_dir",
+]

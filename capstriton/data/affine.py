@@ -66,7 +66,8 @@ def ink_boxes(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, x1, y0, y1], 1).double()
 
 
-def affine_transform(images: torch.Tensor, params: dict, canvas: int = AFFNIST_CANVAS) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_transform(images: torch.Tensor, params: dict,
+                     canvas: int = AFFNIST_CANVAS) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp (n, h, w) uint8 digits onto (n, canvas, canvas) uint8 images (bilinear).
 
     Each digit's ink box is transformed about its centre by ``linear_part(params)``; the box's
@@ -120,5 +121,5 @@ def affine_test_set(images: torch.Tensor, labels: torch.Tensor, per_digit: int =
             xs.append(x)
             params.append({**{k: v for k, v in part.items() if not k.startswith("u_")}, "centre": centre})
     merged = {k: torch.cat([p[k] for p in params]) for k in params[0]}
-    return {"x": torch.cat(xs), "y": labels.repeat(per_digit), "source": torch.arange(n, device="cpu").repeat(per_digit),
-            **merged}
+    return {"x": torch.cat(xs), "y": labels.repeat(per_digit),
+            "source": torch.arange(n, device="cpu").repeat(per_digit), **merged}

@@ -10,7 +10,7 @@ import torch
 
 from .provision import DATASETS, check_dataset, default_data_dir, prepare_mnist
 
-__all__ = ["load_mnist", "mnist_tensors"]
+__all__ = ["load_mnist", "mnist_tensors", "as_model_input"]
 
 
 def load_mnist(root: str | os.PathLike | None = None, train: bool = True, download: bool = True,
@@ -31,3 +31,8 @@ def mnist_tensors(root: str | os.PathLike | None = None, download: bool = True,
     test = load_mnist(root, False, download=False, log=log, dataset=dataset)
     return {"train_x": train.data, "train_y": train.targets.long(),
             "test_x": test.data, "test_y": test.targets.long()}
+
+
+def as_model_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) uint8 images -> (B, 1, H, W) float in [0, 1], what the models take."""
+    return images_u8.unsqueeze(1).float().div_(255.0)

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._io import atomic_write
+from ..files import atomic_write
 
 __all__ = [
     "DataUnavailableError", "DataIntegrityError", "prepare_mnist", "check_dataset", "raw_dir",
@@ -230,7 +230,8 @@ def _from_deb(root: Path, timeout: float, log: Callable[[str], None]) -> None:
         except FileNotFoundError as e:
             raise DataUnavailableError(f"{e.filename} is not available on this machine") from None
         except subprocess.TimeoutExpired:
-            raise DataUnavailableError(f"apt-get download {FASHION_DEB} gave no result within {timeout:.0f} s") from None
+            raise DataUnavailableError(
+                f"apt-get download {FASHION_DEB} gave no result within {timeout:.0f} s") from None
         _copy_checked(Path(scratch) / "x" / FASHION_DEB_DIR, raw, FASHION_MNIST_FILES)
 
 

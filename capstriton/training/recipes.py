@@ -1,0 +1,79 @@
+"""Training recipes: the published ones, and bounded CPU demonstrations of each (minutes on 2
+cores, measured in docs).  Plain dicts; a script's flags override their entries."""
+from __future__ import annotations
+
+from ..data import MULTIMNIST_TEST_SIZE
+
+__all__ = ["CAPSNET_PAPER", "CAPSNET_CPU_DEMO", "EFFICIENT_CAPSNET_RECIPE", "EFFICIENT_CAPSNET_CPU_DEMO",
+           "MNIST_RECIPES", "AFFINE_FULL", "AFFINE_CPU_DEMO", "MULTIMNIST_FULL", "MULTIMNIST_CPU_DEMO"]
+
+# CapsNet on MNIST (Sabour et al. 2017): Adam (lr 1e-3, x0.96 every 2000 steps), batch 128, random
+# shifts of up to 2 pixels, margin loss + 0.0005 x sum-of-squares reconstruction loss, 50 epochs.
+# "model" holds constructor arguments; every other key is a default of examples/train_mnist.py.
+CAPSNET_PAPER = {"model": {"conv_channels": 256, "primary_caps": 32}, "epochs": 50, "schedule": "exp",
+                 "time_budget": None, "lr": 1e-3, "lr_decay": 0.96, "decay_steps": 2000, "lr_final": 0.05,
+                 "batch_size": 128, "recon_weight": 0.0005, "augment": "shift", "augmentation": None}
+# A narrower CapsNet (fewer conv channels and primary capsule types) trained within a wall-clock
+# budget while the learning rate is annealed over it ("budget" schedule): a busy machine sees
+# fewer images but always a finished schedule.
+CAPSNET_CPU_DEMO = {**CAPSNET_PAPER, "model": {"conv_channels": 64, "primary_caps": 4}, "epochs": 30,
+                    "schedule": "budget", "time_budget": 540.0}
+
+# Efficient-CapsNet on MNIST (Mazzia et al. 2021): the authors' recipe (their config.json and
+# training code).  The reconstruction loss is their 0.392 x mean squared error over the 784
+# pixels = 0.0005 x sum of squares, the form capstriton.reconstruction_loss uses.
+EFFICIENT_CAPSNET_RECIPE = {
+    "optimizer": "adam", "lr": 5e-4,
+    "schedule": "exp-epoch", "lr_decay_per_epoch": 0.97,  # lr x 0.97 ** epoch
+    "batch_size": 16, "epochs": 150,
+    "margin": {"m_pos": 0.9, "m_neg": 0.1, "lam": 0.5},
+    "recon_weight": 0.0005,
+    # per image (capstriton.data.augment): rotation by 30 deg x N(0, 0.33) clipped to +-1 on half
+    # of the images, a horizontal squish of up to 7 px, a 4 x 4 erased patch, and a shift (the
+    # authors shift within the digit's margins; here up to 2 px)
+    "augmentation": {"rotate_deg": 30.0, "shift_px": 2, "squish_px": 7, "erase_px": 4},
+}
+# Bounded CPU demonstration: larger batches, a learning rate annealed over the wall-clock budget,
+# lighter augmentation (rotation and shifts only).
+EFFICIENT_CAPSNET_CPU_DEMO = {
+    **EFFICIENT_CAPSNET_RECIPE, "lr": 2e-3, "schedule": "budget", "lr_final": 0.01, "batch_size": 64,
+    "epochs": 30, "time_budget": 780.0,
+    "augmentation": {"rotate_deg": 15.0, "shift_px": 2, "squish_px": 0, "erase_px": 0},
+}
+
+_MNIST_STEPS_PER_EPOCH = 60_000 // EFFICIENT_CAPSNET_RECIPE["batch_size"]
+# examples/train_mnist.py --model NAME: the model class in capstriton and its "paper" (default on
+# CUDA, or --full) and "cpu-demo" defaults.  Efficient-CapsNet's x0.97 per epoch is x0.97 every
+# 3750 steps (one epoch of the 60,000 training images at batch 16), continuous.
+MNIST_RECIPES = {
+    "capsnet": {"class": "CapsNet", "paper": CAPSNET_PAPER, "cpu-demo": CAPSNET_CPU_DEMO},
+    "efficient-capsnet": {
+        "class": "EfficientCapsNet",
+        "paper": {**CAPSNET_PAPER, "model": {}, "augment": "affine",
+                  **{k: EFFICIENT_CAPSNET_RECIPE[k] for k in ("epochs", "lr", "batch_size", "recon_weight",
+                                                              "augmentation")},
+                  "lr_decay": EFFICIENT_CAPSNET_RECIPE["lr_decay_per_epoch"], "decay_steps": _MNIST_STEPS_PER_EPOCH},
+        "cpu-demo": {**CAPSNET_CPU_DEMO, "model": {}, "augment": "affine",
+                     **{k: EFFICIENT_CAPSNET_CPU_DEMO[k] for k in ("epochs", "lr", "batch_size", "recon_weight",
+                                                                   "augmentation", "time_budget", "lr_final")}},
+    },
+}
+
+# Robustness to affine transformations (examples/train_affine.py): the paper's CapsNet on 40x40
+# inputs and a CNN of the paper's layout matched to it; the CPU demo narrows both models, trains
+# each within a time budget, and scores 1,000 validation digits and the first 2,000 test digits
+# (2 affine transformations each).
+AFFINE_FULL = {"conv_channels": 256, "primary_caps": 32, "cnn_channels": (256, 256, 128), "per_digit": 32,
+               "max_steps": 200_000, "eval_every": 0, "patience": 5, "time_budget": None, "val_size": 5000,
+               "test_digits": None}
+AFFINE_CPU_DEMO = {"conv_channels": 64, "primary_caps": 4, "cnn_channels": (32, 64, 32), "per_digit": 2,
+                   "max_steps": 100_000, "eval_every": 50, "patience": 4, "time_budget": 300.0, "val_size": 1000,
+                   "test_digits": 2000}
+
+# MultiMNIST (examples/train_multimnist.py): the paper's CapsNet on 36x36; 468,750 steps of 128 =
+# the paper's 60M training pairs.  CPU demo: a narrowed model, a wall-clock budget, the first
+# 2,000 test images.
+MULTIMNIST_FULL = {"conv_channels": 256, "primary_caps": 32, "steps": 468_750, "eval_every": 10_000,
+                   "time_budget": None, "test_size": MULTIMNIST_TEST_SIZE}
+MULTIMNIST_CPU_DEMO = {"conv_channels": 64, "primary_caps": 4, "steps": 1_000_000, "eval_every": 100,
+                       "time_budget": 480.0, "test_size": 2000}
