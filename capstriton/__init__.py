@@ -4,11 +4,12 @@ Ops (``backend="auto" | "torch" | "triton"``: "torch" is the plain-PyTorch refer
 ``capstriton.reference``, "triton" the kernels in ``capstriton.kernels``, "auto" picks triton
 for CUDA tensors or under TRITON_INTERPRET=1, torch otherwise): squash, caps_transform, the
 routing algorithms and transform_route (``capstriton.routing``), the losses.
-Layers: PrimaryCaps, DigitCaps.  Models (``capstriton.models``): CapsNet, EfficientCapsNet,
-ConvBaseline.  Training, experiments and data live in the subpackages of those names.
+Layers: PrimaryCaps, DigitCaps; set_backend switches a built layer or model.  Models
+(``capstriton.models``): CapsNet, EfficientCapsNet, ConvBaseline.  Training, experiments and
+data live in the subpackages of those names.
 """
 from .caps_transform import caps_transform
-from .layers import DigitCaps, PrimaryCaps
+from .layers import DigitCaps, PrimaryCaps, set_backend
 from .loss import margin_loss, reconstruction_loss
 from .models import CapsNet, ConvBaseline, EfficientCapsNet
 from .routing import (
@@ -29,11 +30,10 @@ from .routing import (
 from .squash import squash
 from .version import __version__
 
-
 __all__ = [
     "squash", "caps_transform", "dynamic_routing", "transform_route", "self_attention_routing",
     "transform_self_attention_routing", "inverted_attention_routing", "transform_inverted_attention_routing",
     "Routing", "Routed", "LayerParameter", "register_routing", "get_routing", "routing_names", "kernel_layout_weight",
-    "margin_loss", "reconstruction_loss", "PrimaryCaps", "DigitCaps", "CapsNet", "EfficientCapsNet",
+    "margin_loss", "reconstruction_loss", "PrimaryCaps", "DigitCaps", "set_backend", "CapsNet", "EfficientCapsNet",
     "ConvBaseline", "__version__",
 ]

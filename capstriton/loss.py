@@ -33,6 +33,9 @@ def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     B, K = lengths.shape
+    if targets.dtype == torch.bool:
+        raise TypeError("targets must be integer class labels (B,) or float one-hot (B, K), got torch.bool "
+                        "(bool labels would be read as the classes 0 and 1): convert them explicitly")
     if targets.dim() == 1 and not targets.is_floating_point():
         if targets.shape[0] != B:
             raise ValueError(f"targets must have shape ({B},) to match lengths {tuple(lengths.shape)}, "
@@ -53,6 +56,29 @@ def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9
 
 
 def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Sum of squared pixel errors per image, averaged over the batch (scale it by 0.0005)."""
+    """Sum of squared pixel errors per image, averaged over the batch (scale it by 0.0005).
+
+    reconstructions (B, ...) and images (B, ...): floating-point, the same batch size B >= 1
+    and the same number of pixels per image (the layouts may differ: (B, 784) and
+    (B, 1, 28, 28)).  TypeError / ValueError otherwise (never a silent broadcast)."""
+    if not (isinstance(reconstructions, torch.Tensor) and isinstance(images, torch.Tensor)
+            and reconstructions.dim() >= 2 and images.dim() >= 2 and reconstructions.shape[0] == images.shape[0]
+            and reconstructions.numel() > 0 and reconstructions.numel() == images.numel()
+            and reconstructions.is_floating_point() and images.is_floating_point()):
+        _explain_reconstruction_inputs(reconstructions, images)
     diff = reconstructions.flatten(1) - images.flatten(1)
     return (diff * diff).sum(dim=1).mean()
+
+
+def _explain_reconstruction_inputs(reconstructions, images) -> None:
+    """The TypeError / ValueError for inputs that ``reconstruction_loss`` refuses."""
+    for name, t in (("reconstructions", reconstructions), ("images", images)):
+        check_tensor(name, t, None, " (B, ...)")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (B, ...) with a batch dimension and pixel dimensions, "
+                             f"got shape {tuple(t.shape)}")
+    if reconstructions.shape[0] != images.shape[0]:
+        raise ValueError(f"reconstructions and images must have the same batch size, got "
+                         f"{tuple(reconstructions.shape)} and {tuple(images.shape)}")
+    raise ValueError(f"reconstructions and images must have the same number of pixels per image, got "
+                     f"{tuple(reconstructions.shape)} and {tuple(images.shape)}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import triton
 
-from . import __version__, routing
+from . import routing
 from .caps_transform import caps_transform
 from .kernels._common import interpreter_enabled
 from .kernels.autotune_cache import (
@@ -43,6 +43,7 @@ from .kernels.autotune_cache import (
     timings_ms,
     tuned_configs_path,
 )
+from .version import __version__
 
 DETACH_SETTINGS = {"false": [False], "true": [True], "both": [False, True]}
 

@@ -19,20 +19,32 @@ from pathlib import Path
 import torch
 
 from capstriton.experiments.reproduction import reproduce
+from capstriton.training.cli import HelpFormatter, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_mnist.py"
 CPU_EPOCHS, GPU_EPOCHS = 5, 50
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per run (default: {GPU_EPOCHS} on CUDA, {CPU_EPOCHS} on CPU)")
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results",
+                   help="folder of the report <tag>.md and <tag>.json")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce"),
+                   help="folder of the runs, one seed-<seed> folder each (a relative path is relative to the "
+                        "working directory)")
+    p.add_argument("--tag", default=None, help="file name stem of the report (default: <mode>-<card>-<date>)")
+    p.add_argument("train_args", nargs="*", default=[],
+                   help="after --: more flags for train_mnist.py (its --data-dir and --no-download say where MNIST "
+                        "comes from and whether it may be downloaded)")
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help=f"default: {GPU_EPOCHS} on CUDA, {CPU_EPOCHS} on CPU")
-    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce"))
-    p.add_argument("--tag", default=None, help="file name stem (default: <mode>-<card>-<date>)")
-    p.add_argument("train_args", nargs="*", help="after --: more flags for train_mnist.py")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
@@ -49,4 +61,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

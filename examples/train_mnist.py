@@ -40,47 +40,76 @@ import torch  # noqa: E402
 import capstriton as ct  # noqa: E402
 from capstriton import training  # noqa: E402
 from capstriton.files import remove_stale_temporaries  # noqa: E402
+from capstriton.training.cli import HelpFormatter  # noqa: E402
 
 DEMO = training.MNIST_RECIPES["capsnet"]["cpu-demo"]
 METRIC_FIELDS = ["epoch", "mode", "train_loss", "train_acc", "test_loss", "test_acc", "test_error", "seconds",
                  "images_per_s", "lr"]
+# the routing each model is built with unless --routing says otherwise
+MODEL_ROUTING = {"capsnet": "dynamic", "efficient-capsnet": "self-attention"}
+# what a checkpoint written before --routing (and before CapsNet scaled its initialization) left
+# out of its model entry: the values it was built with
+LEGACY_MODEL = {"capsnet": {"routing": "dynamic", "init_std": 0.01}, "efficient-capsnet": {"routing": "self-attention"}}
 # files written atomically in --out-dir (a killed run may leave their temporaries behind)
 OUTPUT_FILES = ("checkpoint.pt", "metrics.csv", "metrics.png", "config.json", "summary.json", "reconstructions.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(training.MNIST_RECIPES), default="capsnet")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=sorted(training.MNIST_RECIPES), default="capsnet",
+                   help="the model and its recipe (capstriton.training.MNIST_RECIPES)")
+    p.add_argument("--routing", choices=ct.routing_names(), default=None,
+                   help="the class capsules' routing, any registered algorithm (default: the model's own, "
+                        "capsnet: dynamic, efficient-capsnet: self-attention; another routing gets the class capsules' "
+                        "scaled default initialization, not the recipe's); under inverted-attention the "
+                        "capsule lengths carry no probability, so the margin loss trains it poorly "
+                        "(examples/train_routing_family.py trains it with a learned head)")
     p.add_argument("--full", action="store_true", help="the paper recipe (full-size model, all epochs) without CUDA")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (CapsNet 50, CPU demo %d)"
-                   % DEMO["epochs"])
-    p.add_argument("--batch-size", type=int, default=None, help="global batch: split over the torchrun processes")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: the recipe's, CapsNet 50, CPU demo %d)" % DEMO["epochs"])
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch: split over the torchrun processes (default: the recipe's, CapsNet 128, "
+                        "Efficient-CapsNet 16, its CPU demo 64)")
     p.add_argument("--per-rank-batch-size", type=int, default=None,
-                   help="batch per process instead (global batch = this x processes)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (CapsNet: 1e-3)")
+                   help="batch per process instead (global batch = this x processes; default: unset)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the recipe's, CapsNet 1e-3, Efficient-CapsNet 5e-4, its CPU "
+                        "demo 2e-3)")
     p.add_argument("--schedule", choices=["exp", "budget"], default=None,
-                   help="exp: lr x lr-decay every decay-steps steps (paper; default with CUDA or --full); "
+                   help="exp: lr x lr-decay every decay-steps steps (the papers'; default with CUDA or --full); "
                         "budget: lr decays exponentially to lr x lr-final over the run, measured by "
-                        "epochs or --time-budget, whichever ends it first (CPU demo default)")
-    p.add_argument("--lr-decay", type=float, default=None, help="exp schedule: decay factor (CapsNet 0.96) ...")
-    p.add_argument("--decay-steps", type=int, default=None, help="... applied every this many steps (2000)")
-    p.add_argument("--lr-final", type=float, default=None, help="budget schedule: final lr / initial lr (0.05)")
-    p.add_argument("--iterations", type=int, default=3, help="routing iterations")
-    p.add_argument("--detach", action="store_true", help="detach u_hat in the routing logits (all but last iteration)")
-    p.add_argument("--recon-weight", type=float, default=None, help="weight of the reconstruction loss (0.0005)")
+                        "epochs or --time-budget, whichever ends it first (default of the CPU demos)")
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help="exp schedule: decay factor (default: the recipe's, CapsNet 0.96, Efficient-CapsNet 0.97) ...")
+    p.add_argument("--decay-steps", type=int, default=None,
+                   help="... applied every this many steps (default: the recipe's, CapsNet 2000, Efficient-CapsNet "
+                        "3750: one epoch)")
+    p.add_argument("--lr-final", type=float, default=None,
+                   help="budget schedule: final lr / initial lr (default: the recipe's, CapsNet 0.05, "
+                        "Efficient-CapsNet 0.01)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="routing iterations, for a routing that takes them (default: the routing's, dynamic 3, "
+                        "inverted-attention 2)")
+    p.add_argument("--detach", action="store_true",
+                   help="dynamic routing: detach u_hat in the routing logits (all but last iteration)")
+    p.add_argument("--recon-weight", type=float, default=None,
+                   help="weight of the reconstruction loss (default: the recipe's, 0.0005)")
     p.add_argument("--augment", choices=["shift", "affine"], default=None,
-                   help="shift: random shifts of up to --shift pixels (CapsNet default); affine: the "
-                        "Efficient-CapsNet recipe's rotation, squish, erased patch and shift (its default)")
-    p.add_argument("--shift", type=int, default=2, help="random translation of up to this many pixels (0: off)")
-    p.add_argument("--conv-channels", type=int, default=None, help="CapsNet Conv1 channels (default 256; demo %d)"
+                   help="shift: random shifts of up to --shift pixels; affine: the Efficient-CapsNet recipe's "
+                        "rotation, squish, erased patch and shift (default: the recipe's, CapsNet shift, "
+                        "Efficient-CapsNet affine)")
+    p.add_argument("--shift", type=int, default=2, help="random translation of up to this many pixels (0: off) "
+                   "with --augment shift")
+    p.add_argument("--conv-channels", type=int, default=None, help="CapsNet Conv1 channels (default: 256; demo %d)"
                    % DEMO["model"]["conv_channels"])
-    p.add_argument("--primary-caps", type=int, default=None, help="CapsNet primary capsule types (default 32; "
+    p.add_argument("--primary-caps", type=int, default=None, help="CapsNet primary capsule types (default: 32; "
                    "demo %d)" % DEMO["model"]["primary_caps"])
     p.add_argument("--amp", choices=sorted(training.AMP_DTYPES), default="off",
                    help="mixed precision: autocast to bf16, or fp16 with a grad scaler (meant for CUDA)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: replay forward, losses, backward and a fused Adam step from one CUDA graph")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist",
+                   help="the dataset (both 28 x 28 grey images, 10 classes)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="stop training after this many wall-clock seconds, summed over resumed sessions "
                         "(default: none; CPU demo %.0f; 0: none)" % DEMO["time_budget"])
@@ -88,15 +117,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="also checkpoint every this many steps inside an epoch (default: at epoch ends only)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop (with a checkpoint) after this many steps in total; --resume continues")
+                   help="stop (with a checkpoint) after this many steps in total; --resume continues (default: no "
+                        "limit)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="use only the first N training images (default: all 60,000)")
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on the first N test images only (default: all 10,000)")
     p.add_argument("--log-every", type=int, default=50,
                    help="without a terminal: one log line every this many steps (instead of a progress bar)")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
-                   help="also write TensorBoard event files to DIR (needs: pip install tensorboard)")
+                   help="also write TensorBoard event files to DIR (needs: pip install tensorboard; default: none)")
     training.add_run_flags(p, out_dir="runs/mnist")
     args = p.parse_args(argv)
     training.require_positive(
@@ -114,6 +145,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def routing_config(args: argparse.Namespace) -> dict:
+    """The model's routing entries: the routing by name and the --iterations / --detach it takes
+    (every option a routing takes is recorded, so a checkpoint names its model fully)."""
+    routing = args.routing or MODEL_ROUTING[args.model]
+    takes = ct.get_routing(routing).options
+    for flag, value in (("iterations", args.iterations), ("detach", args.detach)):
+        if value and flag not in takes:
+            raise SystemExit(f"--{flag}: routing {routing!r} takes no {flag} (its options: {sorted(takes)})")
+    chosen = {"iterations": args.iterations or takes.get("iterations"), "detach": args.detach}
+    return {"routing": routing, **{k: v for k, v in chosen.items() if k in takes}}
+
+
 def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) -> dict:
     """Turn the flags into the run's full configuration (device, mode, model, schedule, batch)."""
     device = dist.device if dist is not None else training.resolve_device(args.device)
@@ -125,8 +168,10 @@ def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) 
     base = training.MNIST_RECIPES[args.model][mode]
     pick = lambda flag, key: flag if flag is not None else base[key]  # noqa: E731
     widths = {"conv_channels": args.conv_channels, "primary_caps": args.primary_caps}  # capsnet only
-    routing = {"iterations": args.iterations, "detach": args.detach} if args.model == "capsnet" else {}
+    routing = routing_config(args)
     model = {"arch": args.model, **base["model"], **{k: v for k, v in widths.items() if v is not None}, **routing}
+    if routing["routing"] != MODEL_ROUTING[args.model]:  # the recipe's initialization is its routing's
+        model.pop("init_std", None)
     batch = args.per_rank_batch_size * world if args.per_rank_batch_size is not None else pick(args.batch_size,
                                                                                                 "batch_size")
     if batch < world:
@@ -194,7 +239,8 @@ def train(args, dist: training.Distributed) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg["model"], cfg["backend"]).to(device)
     cfg["parameters"] = sum(p.numel() for p in model.parameters())
-    log(f"model: {type(model).__name__}, {cfg['parameters']:,} parameters, {args.iterations} routing iterations, "
+    routed = ", ".join(f"{k}={v}" for k, v in cfg["model"].items() if k in ("routing", "iterations", "detach"))
+    log(f"model: {type(model).__name__}, {cfg['parameters']:,} parameters, {routed}, "
         f"backend={cfg['backend']}, amp={cfg['amp']}" + (", CUDA graphs" if cfg["cuda_graphs"] else ""))
     optimizer, scaler = training.make_optimizer(model, cfg, device), training.grad_scaler(device, cfg["amp"])
     net = dist.wrap(model)
@@ -233,6 +279,7 @@ def train(args, dist: training.Distributed) -> dict:
     def other_model(state: dict) -> str | None:  # what is wrong with a checkpoint to resume from
         saved = state["args"].get("model")
         saved = {"arch": "capsnet", **saved} if saved and "arch" not in saved else saved
+        saved = {**LEGACY_MODEL[saved["arch"]], **saved} if saved and saved.get("arch") in LEGACY_MODEL else saved
         return f"holds a model {saved}, this run asks for {cfg['model']}" if saved != cfg["model"] else None
 
     if args.resume:
@@ -266,4 +313,4 @@ def train(args, dist: training.Distributed) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

@@ -95,22 +95,27 @@ def on_device(tensor: torch.Tensor):
 _CHOSEN_CONFIGS: dict = {}
 
 
-def launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) for a triton.autotune'd kernel.  The first call with `key`
-    (which must determine the autotuner's key: shapes, flags, dtypes, device) goes through the
-    autotuner; later calls launch the config it chose directly, skipping its per-call key and
-    dictionary work.  `grid` is a function of the config's kwargs.  A kernel whose `run` was
-    replaced on the instance (a test's counter or stub), or whose config list changed, goes
-    through the autotuner again."""
+def launch(kernel, grid, key: tuple, **kwargs) -> None:
+    """kernel[grid](**kwargs) for a triton.autotune'd kernel, its arguments given by name.  The
+    first call with `key` (which must determine the autotuner's key: shapes, flags, dtypes, device)
+    goes through the autotuner; later calls launch the config it chose directly, skipping its
+    per-call key and dictionary work, and pass the arguments before the config's first parameter
+    by position (binding some 30 keywords costs microseconds per launch).  `grid` is a function of
+    the config's kwargs.  A kernel whose `run` was replaced on the instance (a test's counter or
+    stub), or whose config list changed, goes through the autotuner again."""
     if "run" in vars(kernel):
-        kernel[grid](*args, **kwargs)
+        kernel[grid](**kwargs)
         return
     chosen = _CHOSEN_CONFIGS.get(key)
     if chosen is not None and chosen[0] is kernel.configs:
-        config = chosen[1]
-        kernel.fn[grid(config.kwargs)](*args, **kwargs, **config.all_kwargs())
+        _, tuned, options, leading, trailing = chosen
+        kernel.fn.run(*[kwargs[name] for name in leading], grid=grid(tuned), warmup=False, **options,
+                      **{name: kwargs[name] for name in trailing})
         return
-    kernel[grid](*args, **kwargs)
+    kernel[grid](**kwargs)
     config = getattr(kernel, "best_config", None)
     if config is not None:
-        _CHOSEN_CONFIGS[key] = (kernel.configs, config)
+        names = kernel.fn.arg_names
+        first = min(names.index(name) for name in config.kwargs)
+        _CHOSEN_CONFIGS[key] = (kernel.configs, config.kwargs, config.all_kwargs(), names[:first],
+                                [name for name in names[first:] if name not in config.kwargs])

@@ -7,6 +7,8 @@ import capstriton as ct
 U = torch.randn(2, 4, 3)
 W = torch.randn(4, 2, 5, 3)
 U_HAT = torch.randn(2, 4, 2, 5)
+X28 = torch.rand(2, 1, 28, 28)
+EFFICIENT = ct.EfficientCapsNet(backend="torch")
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -32,7 +34,29 @@ U_HAT = torch.randn(2, 4, 2, 5)
     (lambda: ct.DigitCaps(iterations=0), ValueError, "iterations"),
     (lambda: ct.DigitCaps(backend="gpu"), ValueError, "backend"),
     (lambda: ct.DigitCaps(in_caps=0), ValueError, "in_caps"),
-    (lambda: ct.DigitCaps(4, 3, 2, 5)(torch.randn(2, 5, 3)), ValueError, "disagree"),
+    (lambda: ct.DigitCaps(4, 3, 2, 5)(torch.randn(2, 5, 3)), ValueError, "got 5 input capsules"),
+    # bool is an int in Python: True must not pass as one iteration
+    (lambda: ct.transform_route(U, W, iterations=True), TypeError, "iterations must be an int >= 1, got bool"),
+    (lambda: ct.transform_route(U, W, routing="inverted-attention", iterations=True), TypeError, "got bool"),
+    (lambda: ct.dynamic_routing(U_HAT, iterations=True), TypeError, "iterations must be an int >= 1, got bool"),
+    (lambda: ct.inverted_attention_routing(U_HAT, iterations=False), TypeError, "got bool"),
+    (lambda: ct.transform_inverted_attention_routing(U, W, iterations=True), TypeError, "got bool"),
+    (lambda: ct.DigitCaps(4, 3, 2, 5, iterations=True), TypeError, "iterations must be an int >= 1, got bool"),
+    (lambda: ct.DigitCaps(4, 3, 2, 5, routing="inverted-attention", iterations=True), TypeError, "got bool"),
+    # the losses
+    (lambda: ct.margin_loss(torch.rand(2, 10), torch.tensor([True, False])), TypeError, "torch.bool"),
+    (lambda: ct.reconstruction_loss(torch.rand(1, 784), torch.rand(3, 784)), ValueError, "same batch size"),
+    (lambda: ct.reconstruction_loss(torch.rand(3, 784), torch.rand(1, 1, 28, 28)), ValueError, "same batch size"),
+    (lambda: ct.reconstruction_loss(torch.rand(0, 784), torch.rand(0, 784)), ValueError, "must not be empty"),
+    (lambda: ct.reconstruction_loss(torch.rand(3, 784), torch.rand(3, 1, 36, 36)), ValueError, "pixels per image"),
+    (lambda: ct.reconstruction_loss(torch.rand(784), torch.rand(784)), ValueError, "(B, ...)"),
+    (lambda: ct.reconstruction_loss([0.5], torch.rand(1, 784)), TypeError, "reconstructions must be a torch.Tensor"),
+    (lambda: ct.reconstruction_loss(torch.rand(1, 784), None), TypeError, "images must be a torch.Tensor"),
+    # Efficient-CapsNet's labels (as CapsNet's): the error names y
+    (lambda: EFFICIENT(X28, torch.zeros(2)), ValueError, "y must be integer class labels of shape (2,), "
+                                                         "got torch.float32"),
+    (lambda: EFFICIENT(X28, torch.tensor([1, 2, 3])), ValueError, "y must be integer class labels of shape (2,), "
+                                                                   "got torch.int64 of shape (3,)"),
 ])
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,17 +1,23 @@
-"""An affNIST-style test set built from the MNIST test digits (affNIST itself is not
-downloadable here).
+"""An affNIST-style test set built from the MNIST test digits, and the translated 40x40 test
+set of the affine experiment.  (Real affNIST files: ``capstriton.data.affnist``.)
 
 affNIST (Tieleman, 2013) puts each MNIST digit on a 40x40 canvas under random affine
-transformations, 32 per digit.  The ranges used here are those its page describes: rotation
-within +-20 degrees, shear within +-0.2, horizontal and vertical scale each within [0.8, 1.2],
-and a translation that keeps the whole digit inside the 40x40 canvas (the README says what
-of this was checked against the page).  This
-module draws every parameter uniformly from those ranges with a CPU ``torch.Generator``
-seeded with ``seed`` (default ``AFFINE_SEED``), so every machine builds the same images.
+transformations, 32 per digit.  **The ranges used here are approximations**, not checked
+against the affNIST page: the copy of that page the project could read shows only its opening
+(40x40 images, 32 random transformations of each MNIST digit, the test set made from the 10,000
+MNIST test digits, MATLAB files), not its list of ranges.  ``AFFNIST_RANGES`` follows the
+description this module was first written from: rotation within +-20 degrees, shear within
++-0.2 (along x), horizontal and vertical scales drawn independently in [0.8, 1.2], and any
+translation that keeps the whole digit inside the 40x40 canvas.  Another public description of
+affNIST uses a single log-uniform scale in [0.8, 1.25] and translations within +-5 pixels.
+Numbers measured on this set are "affNIST-style", not affNIST numbers; for those, read the real
+files with ``capstriton.data.affnist``.
 
-Draws are made transformation by transformation (all digits' first transformation, then
-all digits' second, ...): the set with ``per_digit=k`` is the first ``k * N`` images of
-the set with any larger ``per_digit`` and the same seed.
+Every parameter is drawn uniformly from its range with a CPU ``torch.Generator`` seeded with
+``seed`` (default ``AFFINE_SEED``), so every machine builds the same images.  Draws are made
+transformation by transformation (all digits' first transformation, then all digits' second,
+...): the set with ``per_digit=k`` is the first ``k * N`` images of the set with any larger
+``per_digit`` and the same seed.
 """
 from __future__ import annotations
 
@@ -20,13 +26,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AFFNIST_RANGES", "AFFNIST_PER_DIGIT", "AFFINE_SEED", "AFFNIST_CANVAS", "sample_affine_params",
-           "linear_part", "ink_boxes", "affine_transform", "affine_test_set"]
+from .canvas import random_placement
+
+__all__ = ["AFFNIST_RANGES", "AFFNIST_PER_DIGIT", "AFFINE_SEED", "AFFNIST_CANVAS", "TRANSLATION_SHIFT",
+           "TRANSLATED_TEST_SEED", "sample_affine_params", "linear_part", "ink_boxes", "affine_transform",
+           "affine_test_set", "translated_test_set"]
 
 AFFNIST_RANGES = {"rotation_deg": (-20.0, 20.0), "shear": (-0.2, 0.2), "scale_x": (0.8, 1.2), "scale_y": (0.8, 1.2)}
 AFFNIST_PER_DIGIT = 32
 AFFINE_SEED = 2017
 AFFNIST_CANVAS = 40
+TRANSLATION_SHIFT = 6       # the paper's training digits: padded to 40x40, then shifted by up to 6 pixels
+TRANSLATED_TEST_SEED = 1    # the placements of the clean (translated) 40x40 test set
 
 
 def sample_affine_params(n: int, generator: torch.Generator, ranges: dict = AFFNIST_RANGES) -> dict:
@@ -123,3 +134,11 @@ def affine_test_set(images: torch.Tensor, labels: torch.Tensor, per_digit: int =
     merged = {k: torch.cat([p[k] for p in params]) for k in params[0]}
     return {"x": torch.cat(xs), "y": labels.repeat(per_digit),
             "source": torch.arange(n, device="cpu").repeat(per_digit), **merged}
+
+
+def translated_test_set(images: torch.Tensor, canvas: int = AFFNIST_CANVAS, max_shift: int = TRANSLATION_SHIFT,
+                        seed: int = TRANSLATED_TEST_SEED) -> torch.Tensor:
+    """The clean test set of the affine experiment: each (N, 28, 28) digit centred on the
+    canvas and shifted by its own integer (dy, dx) in [-max_shift, max_shift] (CPU generator
+    seeded with ``seed``, drawn for these images alone: the same set in every script)."""
+    return random_placement(images.cpu(), canvas, max_shift, torch.Generator().manual_seed(seed))[0]

@@ -11,7 +11,8 @@ import torch
 
 from ..files import atomic_write
 
-__all__ = ["save_image_rows", "save_confusion_matrix", "save_histogram", "save_pair_overlays", "pair_overlay_rgb"]
+__all__ = ["save_image_rows", "save_confusion_matrix", "save_histogram", "save_pair_overlays", "pair_overlay_rgb",
+           "save_pair_reconstructions"]
 
 
 def _pyplot():
@@ -115,3 +116,17 @@ def save_pair_overlays(path: str | os.PathLike, inputs: torch.Tensor, first: tor
     """Figure-5 style: inputs (top row) under the two reconstructions overlaid in red and green."""
     rows = [inputs, pair_overlay_rgb(first, second)]
     return _save(_grid(rows, ["input", "red + green"], col_labels, title, cell=1.1), path)
+
+
+def save_pair_reconstructions(path: str | os.PathLike, inputs: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                              col_labels: Sequence[str], title: str, true_first: torch.Tensor | None = None,
+                              true_second: torch.Tensor | None = None) -> Path:
+    """The paper's Figure 5, digit by digit: inputs, the reconstruction from the longest capsule,
+    from the second longest, both overlaid (red, green) and, when given, the overlay of the
+    reconstructions from the true classes' capsules.  All (n, H, W) in [0, 1]."""
+    rows = [inputs, first, second, pair_overlay_rgb(first, second)]
+    names = ["input", "longest", "second", "red + green"]
+    if true_first is not None and true_second is not None:
+        rows.append(pair_overlay_rgb(true_first, true_second))
+        names.append("true classes")
+    return _save(_grid(rows, names, col_labels, title, cell=1.0), path)

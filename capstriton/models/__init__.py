@@ -3,7 +3,14 @@ baseline of the affine-robustness experiment, and the heads the capsule models s
 from .capsnet import CapsNet
 from .conv_baseline import ConvBaseline, conv_baseline_matching, count_parameters
 from .efficient_capsnet import EfficientCapsNet
-from .heads import Decoder, capsule_lengths, check_labels, lengths_and_reconstruction, masked_capsules
+from .heads import (
+    Decoder,
+    capsule_lengths,
+    check_labels,
+    class_capsules,
+    lengths_and_reconstruction,
+    masked_capsules,
+)
 
 __all__ = ["CapsNet", "EfficientCapsNet", "ConvBaseline", "conv_baseline_matching", "count_parameters", "Decoder",
-           "capsule_lengths", "check_labels", "masked_capsules", "lengths_and_reconstruction"]
+           "capsule_lengths", "check_labels", "class_capsules", "masked_capsules", "lengths_and_reconstruction"]

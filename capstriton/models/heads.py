@@ -8,7 +8,8 @@ from torch import nn
 
 from ..loss import check_labels_async, class_mask
 
-__all__ = ["Decoder", "capsule_lengths", "check_labels", "masked_capsules", "lengths_and_reconstruction"]
+__all__ = ["Decoder", "capsule_lengths", "check_labels", "class_capsules", "masked_capsules",
+           "lengths_and_reconstruction"]
 
 
 class Decoder(nn.Sequential):
@@ -35,6 +36,12 @@ def check_labels(y: torch.Tensor | None, batch: int) -> None:
                           or y.shape[0] != batch):
         given = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"y must be integer class labels of shape ({batch},), got {given}")
+
+
+def class_capsules(routed) -> torch.Tensor:
+    """The class capsules v (B, K, D) of what a capsule layer returned: v itself, or the first
+    of (v, *extra outputs) for a routing that declares outputs."""
+    return routed if isinstance(routed, torch.Tensor) else routed[0]
 
 
 def masked_capsules(v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -116,4 +116,5 @@ ROUTING = Routing(
     "self-attention", route, couplings_ref, state_couplings=True, options={"bias": None}, coupling_bias="bias",
     parameters=lambda in_caps, out_caps, out_dim: {
         "coupling_bias": LayerParameter(torch.zeros(in_caps, out_caps), "bias")},
-    summary="self-attention routing (Mazzia et al. 2021, Efficient-CapsNet): a learned coupling bias")
+    summary="self-attention routing (Mazzia et al. 2021, Efficient-CapsNet): a learned coupling bias",
+    init_gain=0.25)  # its lengths 1 - exp(-|s|) grow as |s|, not |s|^2, and its couplings sharpen at once

@@ -16,11 +16,13 @@ from .checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_optimizer_state,
+    previous_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    write_checkpoint,
 )
-from .cli import add_run_flags, check_backend, require_positive, resolve_device
+from .cli import add_run_flags, check_backend, require_positive, resolve_device, run_cli
 from .distributed import Distributed, init_distributed
 from .logging import (
     MetricsFiles,
@@ -54,10 +56,11 @@ __all__ = [
     "shift_offsets", "check_labels", "load_classification_data", "make_step", "make_train_step", "capsule_loss",
     "make_optimizer", "evaluate", "learning_rate", "paper_lr", "set_lr", "Distributed", "init_distributed",
     "AMP_DTYPES", "autocast", "grad_scaler", "check_cuda_graphs", "CudaGraphStep", "save_checkpoint",
-    "load_checkpoint", "CheckpointError", "rng_state", "restore_rng_state", "load_optimizer_state", "Progress",
+    "load_checkpoint", "write_checkpoint", "previous_checkpoint", "CheckpointError", "rng_state",
+    "restore_rng_state", "load_optimizer_state", "Progress",
     "MetricsFiles", "write_metrics_csv", "plot_metrics", "write_json", "write_text", "save_reconstructions",
     "tensorboard_writer", "triton_self_check", "capsule_shapes", "choose_backend", "add_run_flags",
-    "require_positive", "resolve_device", "check_backend", "CAPSNET_PAPER", "CAPSNET_CPU_DEMO",
+    "require_positive", "resolve_device", "check_backend", "run_cli", "CAPSNET_PAPER", "CAPSNET_CPU_DEMO",
     "EFFICIENT_CAPSNET_RECIPE", "EFFICIENT_CAPSNET_CPU_DEMO", "MNIST_RECIPES", "AFFINE_FULL", "AFFINE_CPU_DEMO",
     "MULTIMNIST_FULL", "MULTIMNIST_CPU_DEMO",
 ]

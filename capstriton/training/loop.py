@@ -10,7 +10,9 @@ run, when a wall-clock budget (summed over resumed sessions) runs out (after eva
 With a checkpoint path it writes, atomically, after every epoch and every ``checkpoint_every``
 steps inside one: model, optimizer, grad scaler, step, the recorded rows, every random state
 the batches depend on, the training seconds so far and, inside an epoch, the epoch's order,
-position and running sums; ``restore`` continues from such a checkpoint exactly.
+position and running sums; ``restore`` continues from such a checkpoint exactly.  Each save
+keeps the checkpoint it replaces beside it; ``resume`` falls back to that one when the latest
+is damaged (checkpoints carry checksums: ``capstriton.training.checkpoint``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_optimizer_state,
+    previous_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -114,7 +117,7 @@ class Loop:
         self.gen = torch.Generator(device=self.device)  # the orders and augmentation (the same on every rank)
         self.gen.manual_seed(seed)
         self.step, self.history, self.prior_seconds, self.resume_point = 0, [], 0.0, None
-        self.start_epoch, self.has_correct = 1, False
+        self.start_epoch, self.has_correct, self.keep_previous = 1, False, True
         self.t_session = time.perf_counter()
         self._reset_sums()
 
@@ -127,7 +130,8 @@ class Loop:
         save_checkpoint(self.checkpoint, model=self.model, optimizer=self.optimizer, epoch=epoch_done,
                         step=self.step, args=self.args, history=self.history, rng=rng_state({"data": self.gen}),
                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                        seconds=self.local_elapsed(), partial_epoch=partial)
+                        seconds=self.local_elapsed(), partial_epoch=partial, keep_previous=self.keep_previous)
+        self.keep_previous = True
 
     def restore(self, state: dict) -> str:
         """Continue from a checkpoint that ``save`` wrote (loaded on every rank); where it continues."""
@@ -151,17 +155,28 @@ class Loop:
         return f"{where} (step {self.step}){exact}"
 
     def resume(self, check: Callable[[dict], str | None] | None = None) -> str:
-        """``restore`` from the checkpoint file (on every rank); where it continues.  SystemExit
-        ("--resume: ...") when the file is missing or unreadable, or when ``check(state)`` says
-        what is wrong with it."""
+        """``restore`` from the checkpoint file (on every rank); where it continues.  When the
+        file is missing, truncated or corrupted, the previous checkpoint kept beside it
+        (``previous_checkpoint``) is used instead, and the answer names it and says why; the next
+        save then keeps that previous checkpoint, not the damaged one.  SystemExit ("--resume:
+        ...") when neither can be read, or when ``check(state)`` says what is wrong with it."""
+        latest, previous = self.checkpoint, previous_checkpoint(self.checkpoint)
+        used, note = latest, ""
         try:
-            state = load_checkpoint(self.checkpoint, map_location=self.device)
+            state = load_checkpoint(latest, map_location=self.device)
         except (FileNotFoundError, CheckpointError) as e:
-            raise SystemExit(f"--resume: {e}") from None
+            if not previous.exists():
+                raise SystemExit(f"--resume: {e}") from None
+            try:
+                state = load_checkpoint(previous, map_location=self.device)
+            except (FileNotFoundError, CheckpointError) as e2:
+                raise SystemExit(f"--resume: {e}; the previous checkpoint is unusable too: {e2}") from None
+            used, note = previous, f", using the previous checkpoint {previous} because the latest is unusable: {e}"
+            self.keep_previous = False  # the next save replaces the damaged file and keeps this one
         problem = check(state) if check is not None else None
         if problem:
-            raise SystemExit(f"--resume: {self.checkpoint} {problem}")
-        return self.restore(state)
+            raise SystemExit(f"--resume: {used} {problem}")
+        return self.restore(state) + note
 
     # -- clock -------------------------------------------------------------------------------
     def local_elapsed(self) -> float:

@@ -9,8 +9,8 @@ Two ops share the kernels, switched by the constexpr FUSED:
 Tile layout, grid and launches (the machinery is shared: routing/streaming.py, routing/tiles.py):
     tile      (BDH, BLOCK_B, BJ, BDL): one sample's D-vector per thread, the J outputs over a warp's lanes
     grid      pass kernels: (cdiv(B, BLOCK_B), n_chunks); final gradient: streaming.plan
-    forward   r launches of routing_pass_kernel: t = 0 MODE_SUM (uniform couplings), then MODE_FORWARD
-    backward  r-1 launches of routing_pass_kernel (MODE_BACKWARD), or with detach or r = 1 one
+    forward   r launches of routing_pass_kernel: t = 0 modes.SUM (uniform couplings), then modes.FORWARD
+    backward  r-1 launches of routing_pass_kernel (modes.BACKWARD), or with detach or r = 1 one
               routing_bwd_init_kernel; then one final-gradient launch (streaming.stream_grad_fused_kernel,
               unfused streaming.stream_grad_kernel), plus sum_partials for several weight-gradient groups
 
@@ -59,11 +59,9 @@ import triton.language as tl
 from .._common import batch_bucket, cdiv, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
 from ..squash import _squash_scale
+from . import modes
 from .compile_cases import F32, I32, case, final_grad_cases, over_shapes, pick
 from .streaming import (
-    MODE_BACKWARD,
-    MODE_FORWARD,
-    MODE_SUM,
     PASS_CONFIGS,
     Plan,
     at,
@@ -150,7 +148,7 @@ def routing_pass_kernel(
         else:
             gs = tl.load(gs_all_ptr + at(t, stride) + bjd, mask=mask, other=0.0)
     i_start = chunk * caps_per_chunk
-    mode = MODE_SUM if FIRST else (MODE_BACKWARD if BACKWARD else MODE_FORWARD)
+    mode = modes.SUM if FIRST else (modes.BACKWARD if BACKWARD else modes.FORWARD)
     acc = stream_capsules(u_ptr, W_ptr, uhat_ptr, u_ptr, b_offs, b_mask, jd, mask, zero_b, P, gs, i_start,
                           tl.minimum(i_start + caps_per_chunk, I), I, mode, False, FUSED, J, D, DIN, BLOCK_B, BJ,
                           BDH, BDL)
@@ -253,6 +251,7 @@ def _backward_stats(ins, src, s_all, P_all, grad_v, iterations: int, detach: boo
                B_BUCKET=batch_bucket(B), J=J, D=D, DIN=DIN, BACKWARD=True, FUSED=fused, FIRST=False, LAST=False,
                ACCUMULATE=t < iterations - 1, HAS_NEXT=t >= 2, GS_FROM_GRAD_V=t == iterations - 1, **p.dims)
     return gs_all
+
 
 def dynamic_routing_fwd(u_hat: torch.Tensor, iterations: int):
     """u_hat (B, I, J, D) contiguous -> (v (B, J, D) in u_hat's dtype, s_all (r, B, J, D),

@@ -6,8 +6,8 @@ this file holds only what differs: the LayerNorm finishes and their launch order
 Tile layout, grid and launches (the machinery is shared: routing/streaming.py, routing/tiles.py):
     tile      (BDH, BLOCK_B, BJ, BDL): one sample's D-vector per thread, the J outputs over a warp's lanes
     grid      pass kernel: (cdiv(B, BLOCK_B), n_chunks); final gradient: streaming.plan
-    forward   r launches of inverted_attention_pass_kernel: t = 0 MODE_SUM (uniform couplings), then MODE_FORWARD
-    backward  r-1 launches of inverted_attention_pass_kernel (MODE_BACKWARD), or with r = 1 one
+    forward   r launches of inverted_attention_pass_kernel: t = 0 modes.SUM (uniform couplings), then modes.FORWARD
+    backward  r-1 launches of inverted_attention_pass_kernel (modes.BACKWARD), or with r = 1 one
               inverted_attention_bwd_init_kernel; then one final-gradient launch (the dynamic-routing variant:
               uniform first iteration; streaming.stream_grad_fused_kernel, unfused streaming.stream_grad_kernel),
               plus sum_partials for several weight-gradient groups
@@ -15,7 +15,7 @@ Tile layout, grid and launches (the machinery is shared: routing/streaming.py, r
 Forward, per sample (u = u_hat (I, J, D); r iterations, 0-based t; LayerNorm over D with
 optional affine w, b of shape (D,)).  With queries Q^t = p^{t-1} / sqrt(D) (Q^0 absent: the
 first coupling is uniform):
-    q^t_ij = softmax_j(u_ij . Q^t_j),  s^t_j = sum_i q^t_ij u_ij        pass t (MODE_SUM for t = 0)
+    q^t_ij = softmax_j(u_ij . Q^t_j),  s^t_j = sum_i q^t_ij u_ij        pass t (modes.SUM for t = 0)
     p^t_j = LayerNorm(s^t_j) = xhat^t_j w + b,  xhat = (s - mean) rstd   its finish: Q^{t+1}, or p^{r-1} out
 Saved for the backward: s^0..s^{r-1} (r, B, J, D) and Q^1..Q^{r-1} (r-1, B, J, D).
 
@@ -25,7 +25,7 @@ Backward.  With g^t = dL/dp^t (g^{r-1} given):
     gc^t_ij = u_ij . gs^t_j,  ga^t_ij = q^t_ij (gc^t_ij - sum_k q^t_ik gc^t_ik)
     g^{t-1}_j = sum_i ga^t_ij u_ij / sqrt(D)                 (p^{t-1} enters only through Q^t)
     dL/du_ij = sum_t [ q^t_ij gs^t_j + ga^t_ij Q^t_j ]       (no ga term at t = 0)
-For t = r-1 .. 1 one reduction pass (MODE_BACKWARD) sums ga^t u over i; its finish forms gs^{t-1}
+For t = r-1 .. 1 one reduction pass (modes.BACKWARD) sums ga^t u over i; its finish forms gs^{t-1}
 (the first pass forms gs^{r-1} from dL/dp itself, chunk 0 stores it).  The shared final pass
 (states Q^t, uniform first iteration) writes dL/du_hat, or fused dL/du and dL/dW.  With r = 1
 a small kernel forms gs^0.
@@ -40,11 +40,9 @@ import triton.language as tl
 
 from .._common import batch_bucket, cdiv, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
+from . import modes
 from .compile_cases import F32, I32, case, over_shapes, pick
 from .streaming import (
-    MODE_BACKWARD,
-    MODE_FORWARD,
-    MODE_SUM,
     PASS_CONFIGS,
     at,
     chunk_scratch,
@@ -129,7 +127,7 @@ def inverted_attention_pass_kernel(
     scale,            # 1 / sqrt(D)
     B_BUCKET,         # autotune key: batch rounded up to a power of two
     J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
-    MODE: tl.constexpr,        # MODE_SUM (forward t = 0), MODE_FORWARD or MODE_BACKWARD
+    MODE: tl.constexpr,        # modes.SUM (forward t = 0), modes.FORWARD or modes.BACKWARD
     LAST: tl.constexpr,        # forward t = r-1: write p instead of Q^{t+1}
     GS_FROM_GRAD: tl.constexpr,  # backward t = r-1: form gs^t from s^t and dL/dp
     HAS_AFFINE: tl.constexpr,  # LayerNorm with the affine w, b
@@ -142,9 +140,9 @@ def inverted_attention_pass_kernel(
     stride = B * (J * D)
     Q = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
     gs = Q
-    if MODE != MODE_SUM:
+    if MODE != modes.SUM:
         Q = tl.load(Q_all_ptr + at(t - 1, stride) + bjd, mask=mask, other=0.0)
-    if MODE == MODE_BACKWARD:
+    if MODE == modes.BACKWARD:
         if GS_FROM_GRAD:
             s_t = tl.load(s_all_ptr + at(t, stride) + bjd, mask=mask, other=0.0)
             g = tl.load(p_ptr + bjd, mask=mask, other=0.0).to(tl.float32)
@@ -160,11 +158,11 @@ def inverted_attention_pass_kernel(
     acc = stream_capsules(u_ptr, W_ptr, uhat_ptr, u_ptr, b_offs, b_mask, jd, mask, zero_b, Q, gs, i_start,
                           tl.minimum(i_start + caps_per_chunk, I), I, MODE, False, FUSED, J, D, DIN, BLOCK_B, BJ,
                           BDH, BDL)
-    if MODE == MODE_SUM:
+    if MODE == modes.SUM:
         acc = acc * (1.0 / J)
     acc, finish = finish_chunks(acc, part_ptr, count_ptr, chunk, n_chunks, stride, bjd, mask)
     if finish:
-        if MODE == MODE_BACKWARD:  # acc * scale = g^{t-1}: gs^{t-1} = LayerNorm'(s^{t-1})^T g^{t-1}
+        if MODE == modes.BACKWARD:  # acc * scale = g^{t-1}: gs^{t-1} = LayerNorm'(s^{t-1})^T g^{t-1}
             s = tl.load(s_all_ptr + at(t - 1, stride) + bjd, mask=mask, other=0.0)
             g = acc * scale
             gs, xhat = _layer_norm_grad(s, g, w_ptr, jd_mask, eps, b_offs, D, HAS_AFFINE, BJ, BDH, BDL)
@@ -227,20 +225,20 @@ class _Call:
     def stats(self, *lead):
         return empty(*lead, self.B, self.J, self.D, dtype=torch.float32, device=self.src.device)
 
-    def run_pass(self, t: int, mode: tl.constexpr, Q_all, s_all, gs_all, gw, gb, p_or_grad, last=False,
+    def run_pass(self, t: int, mode: int, Q_all, s_all, gs_all, gw, gb, p_or_grad, last=False,
                  from_grad=False):
-        """One launch of inverted_attention_pass_kernel for iteration t in ``mode`` (MODE_SUM,
-        MODE_FORWARD or MODE_BACKWARD)."""
+        """One launch of inverted_attention_pass_kernel for iteration t in ``mode`` (modes.SUM,
+        modes.FORWARD or modes.BACKWARD)."""
         affine = self.weight is not None
         src = self.src
-        key = (inverted_attention_pass_kernel, src.device, src.dtype, self.p.key, self.fused, mode.value, affine)
+        key = (inverted_attention_pass_kernel, src.device, src.dtype, self.p.key, self.fused, mode, affine)
         launch(inverted_attention_pass_kernel, pass_grid(self.B, self.p.n_chunks), key,
                u_ptr=src, W_ptr=self.W if self.fused else src, uhat_ptr=src, Q_all_ptr=Q_all, s_all_ptr=s_all,
                gs_all_ptr=gs_all, w_ptr=self.weight if affine else s_all, b_ptr=self.bias if affine else s_all,
                gw_all_ptr=gw, gb_all_ptr=gb, p_ptr=p_or_grad, part_ptr=self.part, count_ptr=self.count, B=self.B,
                I=self.I, caps_per_chunk=self.p.caps_per_chunk, n_chunks=self.p.n_chunks, t=t, eps=self.eps,
                scale=1.0 / math.sqrt(self.D), B_BUCKET=batch_bucket(self.B), J=self.J, D=self.D, DIN=self.DIN,
-               MODE=mode.value, LAST=last, GS_FROM_GRAD=from_grad, HAS_AFFINE=affine, FUSED=self.fused,
+               MODE=mode, LAST=last, GS_FROM_GRAD=from_grad, HAS_AFFINE=affine, FUSED=self.fused,
                **self.p.dims)
 
 
@@ -256,7 +254,7 @@ def inverted_attention_routing_fwd(src: torch.Tensor, W: torch.Tensor | None, it
         p = empty(c.B, c.J, c.D, dtype=src.dtype, device=src.device)
         Q_arg = Q_all if iterations > 1 else s_all
         for t in range(iterations):
-            c.run_pass(t, MODE_SUM if t == 0 else MODE_FORWARD, Q_arg, s_all, s_all, s_all, s_all, p,
+            c.run_pass(t, modes.SUM if t == 0 else modes.FORWARD, Q_arg, s_all, s_all, s_all, s_all, p,
                        last=t == iterations - 1)
         return p, s_all, Q_all
 
@@ -277,7 +275,7 @@ def inverted_attention_routing_bwd(src, W, iterations: int, weight, bias, eps: f
                 s_ptr=s_all, grad_p_ptr=grad_p, w_ptr=weight if affine else s_all, gs_ptr=gs_all, gw_ptr=gw, gb_ptr=gb,
                 B=c.B, eps=c.eps, J=c.J, D=c.D, HAS_AFFINE=affine, BLOCK_B=block, num_warps=INIT_WARPS, **c.p.dims)
         for t in range(iterations - 1, 0, -1):  # sum_i ga^t u_hat -> gs^{t-1}
-            c.run_pass(t, MODE_BACKWARD, Q_all, s_all, gs_all, gw, gb, grad_p, from_grad=t == iterations - 1)
+            c.run_pass(t, modes.BACKWARD, Q_all, s_all, gs_all, gw, gb, grad_p, from_grad=t == iterations - 1)
         Q_arg = Q_all if iterations > 1 else s_all
         c.part = c.count = None  # chunk scratch released before the final pass allocates its partials
         grad_src, grad_W, _ = final_grad(c.p, src, W, Q_arg, gs_all, iterations, uniform_first=True)
@@ -304,10 +302,10 @@ def _pass_cases(src, dtype, tag, sizes, dims, din):
            "count_ptr": "*i32", "B": I32, "I": I32, "caps_per_chunk": I32, "n_chunks": I32, "t": I32,
            "eps": "fp32", "scale": "fp32", "B_BUCKET": I32}
     off = dict(LAST=False, GS_FROM_GRAD=False)
-    variants = (("first", dict(off, MODE=MODE_SUM.value)), ("forward", dict(off, MODE=MODE_FORWARD.value)),
-                ("forward-last", dict(off, MODE=MODE_FORWARD.value, LAST=True)),
-                ("backward", dict(off, MODE=MODE_BACKWARD.value)),
-                ("backward-first", dict(off, MODE=MODE_BACKWARD.value, GS_FROM_GRAD=True)))
+    variants = (("first", dict(off, MODE=modes.SUM)), ("forward", dict(off, MODE=modes.FORWARD)),
+                ("forward-last", dict(off, MODE=modes.FORWARD, LAST=True)),
+                ("backward", dict(off, MODE=modes.BACKWARD)),
+                ("backward-first", dict(off, MODE=modes.BACKWARD, GS_FROM_GRAD=True)))
     cases = []
     for fused in (True, False):
         for what, flags in variants:

@@ -6,14 +6,14 @@ this file holds only what differs: the finishes and their launch order.
 Tile layout, grid and launches (the machinery is shared: routing/streaming.py, routing/tiles.py):
     tile      (BDH, BLOCK_B, BJ, BDL): one sample's D-vector per thread, the J outputs over a warp's lanes
     grid      pass kernel: (cdiv(B, BLOCK_B), n_chunks); final gradient: streaming.plan
-    forward   2 launches of self_attention_pass_kernel: MODE_SUM (S, Q), MODE_FORWARD (s, v)
-    backward  1 launch of self_attention_pass_kernel (MODE_BACKWARD: gs, R), then one final-gradient launch
+    forward   2 launches of self_attention_pass_kernel: modes.SUM (S, Q), modes.FORWARD (s, v)
+    backward  1 launch of self_attention_pass_kernel (modes.BACKWARD: gs, R), then one final-gradient launch
               (one iteration with state Q, R and the bias; streaming.stream_grad_fused_kernel, unfused
               streaming.stream_grad_kernel), plus sum_partials for the weight and bias gradients
 
 Forward, per sample (u = u_hat (I, J, D), bias (I, J) optional), two streaming passes:
-    S_j = sum_k u_kj                                      pass MODE_SUM, finish: Q = S / sqrt(D)
-    q_ij = softmax_j(u_ij . Q_j),  c_ij = q_ij + bias_ij,  s_j = sum_i c_ij u_ij      pass MODE_FORWARD
+    S_j = sum_k u_kj                                      pass modes.SUM, finish: Q = S / sqrt(D)
+    q_ij = softmax_j(u_ij . Q_j),  c_ij = q_ij + bias_ij,  s_j = sum_i c_ij u_ij      pass modes.FORWARD
     v_j = f(n_j) s_j,  n = |s_j|,  f(n) = (1 - exp(-n)) / n   (f(0) = 1)              its finish
 The I x I attention matrix u_ij . u_kj is never formed: only its row sums u_ij . S_j enter.
 Saved for the backward: Q and s, (B, J, D) each.
@@ -24,7 +24,7 @@ Backward.  With g = dL/dv and s_hat = s / n (0 at n = 0), since v = (1 - exp(-n)
     ga_ij = q_ij (gc_ij - sum_k q_ik gc_ik)                           (softmax over j)
     R_j = sum_k ga_kj u_kj / sqrt(D)                                  (through S_j = sum_k u_kj)
     dL/du_ij = c_ij gs_j + ga_ij Q_j + R_j
-One reduction pass (MODE_BACKWARD; every program forms gs from s and dL/dv, chunk 0 stores it)
+One reduction pass (modes.BACKWARD; every program forms gs from s and dL/dv, chunk 0 stores it)
 gives R; the shared final pass (one iteration, state Q, plus R and the bias terms) writes
 dL/du_hat, or fused dL/du and dL/dW, and dL/dbias.  f and exp(-n) - f are evaluated by a series
 below n = 0.1, where 1 - exp(-n) would cancel (fp32).
@@ -39,11 +39,9 @@ import triton.language as tl
 
 from .._common import batch_bucket, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
+from . import modes
 from .compile_cases import F32, I32, case, final_grad_cases, over_shapes, pick
 from .streaming import (
-    MODE_BACKWARD,
-    MODE_FORWARD,
-    MODE_SUM,
     PASS_CONFIGS,
     chunk_scratch,
     final_grad,
@@ -84,12 +82,12 @@ def self_attention_pass_kernel(
     u_ptr,            # (B, I, DIN) input capsules (FUSED) - else unused
     W_ptr,            # (I, DIN, J, D) transform matrices, kernel layout (FUSED) - else unused
     uhat_ptr,         # (B, I, J, D) prediction vectors (not FUSED) - else unused
-    bias_ptr,         # (I, J) coupling bias added after the softmax (MODE_FORWARD, HAS_BIAS)
-    Q_ptr,            # (B, J, D) fp32 query S / sqrt(D): MODE_SUM writes it, the other modes read it
-    s_ptr,            # (B, J, D) fp32: MODE_FORWARD writes s, MODE_BACKWARD reads it
-    gs_ptr,           # (B, J, D) fp32, MODE_BACKWARD out: dL/ds (stored by chunk 0)
-    R_ptr,            # (B, J, D) fp32, MODE_BACKWARD out: R = sum_k ga_k u_k / sqrt(D)
-    v_ptr,            # (B, J, D) MODE_FORWARD out, input dtype: v; MODE_BACKWARD in, any float dtype: dL/dv
+    bias_ptr,         # (I, J) coupling bias added after the softmax (modes.FORWARD, HAS_BIAS)
+    Q_ptr,            # (B, J, D) fp32 query S / sqrt(D): modes.SUM writes it, the other modes read it
+    s_ptr,            # (B, J, D) fp32: modes.FORWARD writes s, modes.BACKWARD reads it
+    gs_ptr,           # (B, J, D) fp32, modes.BACKWARD out: dL/ds (stored by chunk 0)
+    R_ptr,            # (B, J, D) fp32, modes.BACKWARD out: R = sum_k ga_k u_k / sqrt(D)
+    v_ptr,            # (B, J, D) modes.FORWARD out, input dtype: v; modes.BACKWARD in, any float dtype: dL/dv
     part_ptr,         # (n_chunks, B, J, D) fp32 scratch: chunk partial sums (n_chunks > 1)
     count_ptr,        # (>= batch blocks,) int32 arrival counters, 0 on entry and on exit (n_chunks > 1)
     B, I,             # batch, input capsules
@@ -98,8 +96,8 @@ def self_attention_pass_kernel(
     scale,            # 1 / sqrt(D)
     B_BUCKET,         # autotune key: batch rounded up to a power of two
     J: tl.constexpr, D: tl.constexpr, DIN: tl.constexpr,  # output capsules, their dim, input dim
-    MODE: tl.constexpr,        # MODE_SUM (S), MODE_FORWARD (s, v) or MODE_BACKWARD (gs, R)
-    HAS_BIAS: tl.constexpr,    # add the coupling bias (MODE_FORWARD)
+    MODE: tl.constexpr,        # modes.SUM (S), modes.FORWARD (s, v) or modes.BACKWARD (gs, R)
+    HAS_BIAS: tl.constexpr,    # add the coupling bias (modes.FORWARD)
     FUSED: tl.constexpr,       # recompute u_hat = W u (else read u_hat)
     BLOCK_B: tl.constexpr,     # samples per program (the autotuned config)
     BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,  # tile widths (tiles.tile_dims)
@@ -108,9 +106,9 @@ def self_attention_pass_kernel(
     chunk = tl.program_id(1)
     Q = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
     gs = Q
-    if MODE != MODE_SUM:
+    if MODE != modes.SUM:
         Q = tl.load(Q_ptr + bjd, mask=mask, other=0.0)
-    if MODE == MODE_BACKWARD:
+    if MODE == modes.BACKWARD:
         s = tl.load(s_ptr + bjd, mask=mask, other=0.0)
         gs = _exp_squash_grad(s, tl.load(v_ptr + bjd, mask=mask, other=0.0).to(tl.float32))
         if chunk == 0:  # for the final pass
@@ -121,9 +119,9 @@ def self_attention_pass_kernel(
                           BDH, BDL)
     acc, finish = finish_chunks(acc, part_ptr, count_ptr, chunk, n_chunks, B * (J * D), bjd, mask)
     if finish:
-        if MODE == MODE_SUM:
+        if MODE == modes.SUM:
             tl.store(Q_ptr + bjd, acc * scale, mask=mask)
-        elif MODE == MODE_FORWARD:  # acc = s: v = f(|s|) s
+        elif MODE == modes.FORWARD:  # acc = s: v = f(|s|) s
             tl.store(s_ptr + bjd, acc, mask=mask)
             f = _exp_squash_scale(tl.sqrt(dot_d(acc, acc)))[0]
             tl.store(v_ptr + bjd, (expand(f) * acc).to(v_ptr.dtype.element_ty), mask=mask)
@@ -141,16 +139,16 @@ def _setup(src, W):
     return (shape, p) + chunk_scratch(p, shape[0], shape[2], shape[3], src)
 
 
-def _pass(mode: tl.constexpr, src, W, bias, Q, s, gs, R, v, part, count, shape, p) -> None:
-    """One launch of self_attention_pass_kernel in ``mode`` (MODE_SUM, MODE_FORWARD or MODE_BACKWARD)."""
+def _pass(mode: int, src, W, bias, Q, s, gs, R, v, part, count, shape, p) -> None:
+    """One launch of self_attention_pass_kernel in ``mode`` (modes.SUM, modes.FORWARD or modes.BACKWARD)."""
     B, I, J, D, DIN = shape
     fused = W is not None
-    key = (self_attention_pass_kernel, src.device, src.dtype, p.key, fused, mode.value, bias is not None)
+    key = (self_attention_pass_kernel, src.device, src.dtype, p.key, fused, mode, bias is not None)
     launch(self_attention_pass_kernel, pass_grid(B, p.n_chunks), key,
            u_ptr=src, W_ptr=W if fused else src, uhat_ptr=src, bias_ptr=bias if bias is not None else Q, Q_ptr=Q,
            s_ptr=s, gs_ptr=gs, R_ptr=R, v_ptr=v, part_ptr=part, count_ptr=count, B=B, I=I,
            caps_per_chunk=p.caps_per_chunk, n_chunks=p.n_chunks, scale=1.0 / math.sqrt(D), B_BUCKET=batch_bucket(B),
-           J=J, D=D, DIN=DIN, MODE=mode.value, HAS_BIAS=bias is not None, FUSED=fused, **p.dims)
+           J=J, D=D, DIN=DIN, MODE=mode, HAS_BIAS=bias is not None, FUSED=fused, **p.dims)
 
 
 def self_attention_routing_fwd(src: torch.Tensor, W: torch.Tensor | None, bias: torch.Tensor | None):
@@ -164,8 +162,8 @@ def self_attention_routing_fwd(src: torch.Tensor, W: torch.Tensor | None, bias: 
         Q = empty(B, J, D, dtype=torch.float32, device=src.device)
         s = empty(B, J, D, dtype=torch.float32, device=src.device)
         v = empty(B, J, D, dtype=src.dtype, device=src.device)
-        _pass(MODE_SUM, src, W, None, Q, s, Q, Q, v, part, count, shape, p)
-        _pass(MODE_FORWARD, src, W, bias, Q, s, Q, Q, v, part, count, shape, p)
+        _pass(modes.SUM, src, W, None, Q, s, Q, Q, v, part, count, shape, p)
+        _pass(modes.FORWARD, src, W, bias, Q, s, Q, Q, v, part, count, shape, p)
         return v, Q, s
 
 
@@ -177,7 +175,7 @@ def self_attention_routing_bwd(src, W, bias, Q, s, grad_v):
         B, _, J, D, _ = shape
         gs = empty(B, J, D, dtype=torch.float32, device=src.device)
         R = empty(B, J, D, dtype=torch.float32, device=src.device)
-        _pass(MODE_BACKWARD, src, W, None, Q, s, gs, R, grad_v.contiguous(), part, count, shape, p)
+        _pass(modes.BACKWARD, src, W, None, Q, s, gs, R, grad_v.contiguous(), part, count, shape, p)
         del part, count  # chunk scratch released before the final pass allocates its partials
         return final_grad(p, src, W, Q, gs, 1, uniform_first=False, R=R, bias=bias)
 
@@ -194,14 +192,14 @@ def _pass_cases(src, dtype, tag, sizes, dims, din):
     sig = {"u_ptr": src, "W_ptr": src, "uhat_ptr": src, "bias_ptr": src, "Q_ptr": F32, "s_ptr": F32, "gs_ptr": F32,
            "R_ptr": F32, "v_ptr": src, "part_ptr": F32, "count_ptr": "*i32", "B": I32, "I": I32,
            "caps_per_chunk": I32, "n_chunks": I32, "scale": "fp32", "B_BUCKET": I32}
-    variants = (("S", MODE_SUM, False), ("forward", MODE_FORWARD, False), ("forward-bias", MODE_FORWARD, True),
-                ("backward", MODE_BACKWARD, False))
+    variants = (("S", modes.SUM, False), ("forward", modes.FORWARD, False), ("forward-bias", modes.FORWARD, True),
+                ("backward", modes.BACKWARD, False))
     cases = []
     for fused in (True, False):
         for what, mode, has_bias in variants:
-            for cfg, default in pick(prune_pass_configs, PASS_CONFIGS, dims, _every(dtype, dims), MODE=mode.value):
+            for cfg, default in pick(prune_pass_configs, PASS_CONFIGS, dims, _every(dtype, dims), MODE=mode):
                 cases.append(case(f"self_attention_pass[{tag},{what},fused={fused}]", self_attention_pass_kernel.fn,
-                                  sig, {**sizes, "MODE": mode.value, "HAS_BIAS": has_bias, "FUSED": fused, **dims},
+                                  sig, {**sizes, "MODE": mode, "HAS_BIAS": has_bias, "FUSED": fused, **dims},
                                   cfg, default))
     return cases
 

@@ -10,9 +10,9 @@ query that already holds the 1/sqrt(D) scale):
 and turns per-output sums over the input capsules into its next state.  A pass over the input
 capsules (`stream_capsules`) computes one of three sums:
 
-    MODE_SUM:      sum_i u_ij                                  (uniform couplings, self-attention's S)
-    MODE_FORWARD:  sum_i (q_ij + bias_ij) u_ij                 (bias: self-attention's, after the softmax)
-    MODE_BACKWARD: sum_i ga_ij u_ij,  ga_ij = q_ij (gc_ij - sum_k q_ik gc_ik),  gc_ij = u_ij . gs_j
+    modes.SUM:       sum_i u_ij                                (uniform couplings, self-attention's S)
+    modes.FORWARD:   sum_i (q_ij + bias_ij) u_ij               (bias: self-attention's, after the softmax)
+    modes.BACKWARD:  sum_i ga_ij u_ij,  ga_ij = q_ij (gc_ij - sum_k q_ik gc_ik),  gc_ij = u_ij . gs_j
 
 An algorithm's pass kernel is `stream_capsules` + `finish_chunks` (the last program of a batch
 block to arrive adds the chunk partials in a fixed order) + its own finish, which turns the sum
@@ -57,6 +57,7 @@ from .._common import (
     next_pow2,
 )
 from ..partials import MAX_GROUPS, sum_partials
+from . import modes
 from .tiles import (
     dot_d,
     expand,
@@ -69,12 +70,6 @@ from .tiles import (
     tile_offsets,
 )
 
-# The sum a pass computes (module docstring).  tl.constexpr objects, so that kernels can test
-# `MODE == MODE_SUM` (triton 3.8 rejects a plain int global, even annotated); launchers pass
-# the plain value, `MODE=MODE_SUM.value`.
-MODE_SUM = tl.constexpr(0)
-MODE_FORWARD = tl.constexpr(1)
-MODE_BACKWARD = tl.constexpr(2)
 MIN_CAPS_PER_CHUNK = 4  # chunk partials hold at most B*I*J*D/4 elements
 
 
@@ -118,11 +113,11 @@ def config_pruner(max_per_thread: int, spills: dict, backward_spills: dict | Non
     """early_config_prune: keep configs whose (BLOCK_B, BJ, BD) tile has at most max_per_thread
     fp32 values per thread and that were not measured spilling; if none is left, the config
     with the smallest tile.  A pass runs its backward sum when BACKWARD (dynamic routing) or
-    MODE == MODE_BACKWARD (attention) is set, and a LayerNorm affine when HAS_AFFINE is."""
+    MODE == modes.BACKWARD (attention) is set, and a LayerNorm affine when HAS_AFFINE is."""
     def prune(configs, named_args, **kwargs):
         BJ, BD = kwargs["BJ"], kwargs["BDH"] * kwargs["BDL"]
         bad = spills.get(BJ, set())
-        if backward_spills and (kwargs.get("BACKWARD") or kwargs.get("MODE") == MODE_BACKWARD.value):
+        if backward_spills and (kwargs.get("BACKWARD") or kwargs.get("MODE") == modes.BACKWARD):
             bad = bad | backward_spills.get(BJ, set())
         if affine_spills and kwargs.get("HAS_AFFINE"):
             bad = bad | affine_spills.get(BJ, set())
@@ -175,11 +170,11 @@ def stream_capsules(u_ptr, W_ptr, uhat_ptr, bias_ptr, b_offs, b_mask, jd, mask, 
     acc = tl.zeros((BDH, BLOCK_B, BJ, BDL), dtype=tl.float32)
     for i in range(i_start, i_end):
         uhat = prediction_tile(u_ptr, W_ptr, uhat_ptr, b_offs, b_mask, i, I, jd, mask, zero_b, FUSED, J, D, DIN)
-        if MODE == MODE_SUM:
+        if MODE == modes.SUM:
             acc += uhat
         else:
             c = softmax_j(dot_d(uhat, Q), J, BJ)
-            if MODE == MODE_BACKWARD:
+            if MODE == modes.BACKWARD:
                 c = softmax_j_grad(c, dot_d(uhat, gs))
             elif HAS_BIAS:
                 c += bias_tile(bias_ptr, i, b_offs, J, BJ)

@@ -58,3 +58,13 @@ def test_affine_identity_is_an_exact_paste():
     sheared = A.linear_part({"rotation_deg": t(0.0), "shear": t(0.2), "scale_x": t(1.0), "scale_y": t(1.0)})
     torch.testing.assert_close(sheared[0], torch.tensor([[1.0, 0.2], [0.0, 1.0]], dtype=torch.float64))
     assert math.isclose(float(torch.linalg.det(rot[0])), 2.0)
+
+
+def test_translated_test_set_is_fixed_and_shifted_within_six_pixels():
+    images, _ = random_digits(200)
+    clean = D.translated_test_set(images)
+    assert clean.shape == (200, 40, 40) and torch.equal(clean, D.translated_test_set(images))
+    assert torch.equal(clean.int().sum((1, 2)), images.int().sum((1, 2)))  # every digit whole on the canvas
+    box = A.ink_boxes(clean)[:, [0, 2]] - A.ink_boxes(images)[:, [0, 2]]  # how far the ink moved, (x, y)
+    assert int(box.min()) == 0 and int(box.max()) == 12  # 6 (centring) + shifts of -6..6
+    assert not torch.equal(clean, D.translated_test_set(images, seed=2))

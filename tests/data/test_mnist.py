@@ -18,5 +18,8 @@ def test_real_mnist_sets_are_fixed(mnist_root):
     test = D.multimnist_test_set(mnist["test_x"], mnist["test_y"], 64)
     assert test["x"].shape == (64, 36, 36) and (test["labels"][:, 0] != test["labels"][:, 1]).all()
     assert torch.equal(test["x"], D.multimnist_test_set(mnist["test_x"], mnist["test_y"], 64)["x"])
+    # the protocol's pairs are pinned: a change to its seeding would change every reported test error
+    assert test["index"][:3].tolist() == [[0, 6533], [1, 3910], [2, 1012]]
+    assert test["shifts"][0].tolist() == [[3, 3], [-3, -2]]
     aff = D.affine_test_set(mnist["test_x"][:50], mnist["test_y"][:50], per_digit=2)
     assert aff["x"].shape == (100, 40, 40)

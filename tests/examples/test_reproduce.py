@@ -3,6 +3,7 @@ import importlib.util
 import json
 import statistics
 
+from tests.examples.flag_help import assert_every_flag_documented
 from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("reproduce", REPO / "examples" / "reproduce.py")
@@ -26,3 +27,8 @@ def test_two_seeds_make_a_table(mnist_root, tmp_path):
     assert saved["machine"]["torch"] and saved["machine"]["card"]
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert f"{summary['mean']:.2f} ± {summary['std']:.2f}" in table and table.count("\n| 1 |") == 1
+
+
+def test_every_flag_has_help_with_its_default():
+    text = " ".join(assert_every_flag_documented(reproduce.build_parser()).split())
+    assert "relative to the working directory" in text and "(default: [0, 1, 2])" in text

@@ -118,13 +118,13 @@ def _count_launches(monkeypatch, names):
             return original(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", run)
 
-    from capstriton.kernels import routing
+    from capstriton.kernels.routing import dynamic, streaming
     for name in names:
-        counting(name, getattr(routing, name))
+        counting(name, getattr(dynamic, name, None) or getattr(streaming, name))
     return calls
 
 
-FUSED_KERNELS = ("routing_pass_kernel", "routing_bwd_init_kernel", "routing_grad_fused_kernel")
+FUSED_KERNELS = ("routing_pass_kernel", "routing_bwd_init_kernel", "stream_grad_fused_kernel")
 
 
 def test_triton_path_launches_kernels(monkeypatch):
@@ -135,24 +135,24 @@ def test_triton_path_launches_kernels(monkeypatch):
     # forward: one pass per iteration (finishing inside); backward: 2 reduction passes (the first forms
     # gs^{r-1} from dL/dv), the final pass
     kernels = {k: v for k, v in calls.items() if ":" not in k}
-    assert kernels == {"routing_pass_kernel": 5, "routing_grad_fused_kernel": 1}
+    assert kernels == {"routing_pass_kernel": 5, "stream_grad_fused_kernel": 1}
     calls.clear()
     v = ct.transform_route(u, W, iterations=3, detach=True, backend="auto")
     torch.autograd.grad(v, (u, W), grad_v)
     # detach: no reduction pass, so gs^{r-1} gets its own small kernel
     assert {k: v for k, v in calls.items() if ":" not in k} == {
-        "routing_pass_kernel": 3, "routing_bwd_init_kernel": 1, "routing_grad_fused_kernel": 1}
+        "routing_pass_kernel": 3, "routing_bwd_init_kernel": 1, "stream_grad_fused_kernel": 1}
 
 
 @pytest.mark.parametrize("frozen", ["W", "u"])
 def test_backward_skips_gradients_nobody_needs(frozen, monkeypatch):
-    calls = _count_launches(monkeypatch, ("routing_grad_fused_kernel",))
+    calls = _count_launches(monkeypatch, ("stream_grad_fused_kernel",))
     u, W, grad_v = _inputs((5, 6, 3, 4, 2), torch.float32)
     (u if frozen == "u" else W).requires_grad_(False)
     wanted = W if frozen == "u" else u
     v = ct.transform_route(u, W, iterations=2, backend="triton")
     (grad,) = torch.autograd.grad(v, wanted, grad_v)
-    kwargs = calls["routing_grad_fused_kernel:kwargs"][0]
+    kwargs = calls["stream_grad_fused_kernel:kwargs"][0]
     assert (kwargs["NEED_U"], kwargs["NEED_W"]) == (frozen == "W", frozen == "u")
     ref = _ref64(transform_route_ref, (u, W), grad_v, iterations=2)[2 if frozen == "u" else 1]
     assert_close(grad, ref, GRADIENT[torch.float32], "the gradient that is needed")
@@ -160,7 +160,7 @@ def test_backward_skips_gradients_nobody_needs(frozen, monkeypatch):
 
 @pytest.mark.parametrize("sms", [None, "132"], ids=["interpreter-grid", "132-SM-grid"])
 def test_grad_W_is_deterministic_and_batch_groups_agree(sms, monkeypatch):
-    from capstriton.kernels import routing
+    from capstriton.kernels.routing import dynamic as routing
     if sms:
         monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
     u, W, grad_v = _inputs((70, 3, 2, 3, 2), torch.float32)
@@ -174,7 +174,7 @@ def test_grad_W_is_deterministic_and_batch_groups_agree(sms, monkeypatch):
 
 
 def test_autotune_pruning_keeps_register_fitting_configs():
-    from capstriton.kernels.routing import (
+    from capstriton.kernels.routing.streaming import (
         GRAD_CONFIGS,
         PASS_CONFIGS,
         prune_grad_configs,
@@ -211,7 +211,7 @@ def _check_fused_fp32(u, W, grad_v):
 def test_grid_splits_agree(sms, monkeypatch):
     """The capsule chunking of a GPU (many chunk partials, finished by the last program to
     arrive) and a single chunk give the reference's result."""
-    from capstriton.kernels import routing
+    from capstriton.kernels.routing import dynamic as routing
     if sms:
         monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
     else:
@@ -233,13 +233,13 @@ def _config_ids(configs):
 
 
 def _check_config(kernel_name, config, monkeypatch, shape):
-    from capstriton.kernels import routing
-    monkeypatch.setattr(getattr(routing, kernel_name), "configs", [config])
+    from capstriton.kernels.routing import dynamic, streaming
+    monkeypatch.setattr(getattr(dynamic, kernel_name, None) or getattr(streaming, kernel_name), "configs", [config])
     _check_fused_fp32(*_inputs(shape, torch.float32))
 
 
 def _all_configs(name):
-    from capstriton.kernels import routing
+    from capstriton.kernels.routing import streaming as routing
     return getattr(routing, name)
 
 
@@ -250,7 +250,7 @@ def test_every_pass_config_matches_reference(config, monkeypatch):
 
 @pytest.mark.parametrize("config", _all_configs("GRAD_CONFIGS"), ids=_config_ids(_all_configs("GRAD_CONFIGS")))
 def test_every_grad_config_matches_reference(config, monkeypatch):
-    _check_config("routing_grad_fused_kernel", config, monkeypatch, (19, 9, 10, 16, 3))
+    _check_config("stream_grad_fused_kernel", config, monkeypatch, (19, 9, 10, 16, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU (the interpreter's bf16 is wrong)")

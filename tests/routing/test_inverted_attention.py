@@ -48,8 +48,8 @@ def test_iterations_and_affine(iterations, affine):
 def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several
     weight-gradient batch groups (B = 40): the reference's results, bitwise repeatable."""
-    from capstriton.kernels import _streaming
-    from capstriton.kernels import inverted_attention_routing as kmod
+    from capstriton.kernels.routing import inverted_attention as kmod
+    from capstriton.kernels.routing import streaming as _streaming
     monkeypatch.setattr(kmod, "target_programs", lambda device: programs)
     shape = (40, 17, 4, 5, 3)
     p = _streaming.plan(*shape, programs)
@@ -76,8 +76,8 @@ def test_one_affine_parameter_alone():
 
 
 def test_triton_path_launches_kernels(monkeypatch):
-    from capstriton.kernels import _streaming
-    from capstriton.kernels import inverted_attention_routing as kmod
+    from capstriton.kernels.routing import inverted_attention as kmod
+    from capstriton.kernels.routing import streaming as _streaming
     calls = count_launches(monkeypatch, {kmod: ["inverted_attention_pass_kernel", "inverted_attention_bwd_init_kernel"],
                                          _streaming: ["stream_grad_fused_kernel"]})
     u, W, _, grad_v = transform_inputs((3, 4, 2, 3, 2), torch.float32)

@@ -1,7 +1,10 @@
 """Crash safety of examples/train_mnist.py: SIGKILL at random moments (some while a checkpoint
 is being written), and after each kill the checkpoint loads, metrics.csv has no torn or
 duplicated rows, and --resume continues; the finished run equals one that was never killed.
-Truncated or foreign checkpoint files give an error naming the file."""
+A missing, empty, truncated, garbage, text, foreign or corrupted checkpoint: CheckpointError
+(or FileNotFoundError) naming the file, and every command-line script (evaluate.py
+CHECKPOINT, train_mnist.py --resume) prints one line, "error: <what> <path>", and exits 1."""
+import ast
 import csv
 import importlib.util
 import os
@@ -11,18 +14,22 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from capstriton.training import CheckpointError, load_checkpoint, save_checkpoint
+from capstriton.training import CheckpointError, load_checkpoint, run_cli, save_checkpoint
 from tests.helpers import REPO
 
 SCRIPT = REPO / "examples" / "train_mnist.py"
 spec = importlib.util.spec_from_file_location("train_mnist_crash", SCRIPT)
 train = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train)
+spec = importlib.util.spec_from_file_location("evaluate_crash", REPO / "examples" / "evaluate.py")
+evaluate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate)
 
 TINY = ["--conv-channels", "8", "--primary-caps", "2", "--backend", "torch", "--batch-size", "32",
         "--train-subset", "256", "--test-subset", "100", "--device", "cpu", "--threads", "1", "--no-progress",
@@ -113,22 +120,75 @@ def _real_checkpoint(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("damage", ["truncated", "empty", "text", "foreign-pickle", "foreign-torch"])
-def test_truncated_or_foreign_checkpoint_is_named_in_a_clear_error(tmp_path, damage, mnist_root):
-    path = tmp_path / "checkpoint.pt"
+DAMAGES = ["missing", "empty", "truncated", "garbage", "text", "foreign-pickle", "foreign-torch", "corrupted"]
+
+
+def _damage(path: Path, damage: str) -> None:
     good = _real_checkpoint(path)
-    if damage == "truncated":
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
         path.write_bytes(good[: len(good) // 2])
     elif damage == "empty":
         path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(random.Random(0).randbytes(len(good)))
     elif damage == "text":
         path.write_text("step,loss\n1,0.5\n")
     elif damage == "foreign-pickle":
         path.write_bytes(pickle.dumps({"model": Path("weights"), "epoch": 1}))
-    else:
+    elif damage == "foreign-torch":
         torch.save({"weights": torch.ones(3)}, path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    else:  # 16 bytes flipped in the weights: plain torch.load reads it without complaint
+        data = bytearray(good)
+        for i in range(len(good) // 2, len(good) // 2 + 16):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def _restore_warning_format(monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # run_cli changes it
+
+
+def _cli_error(capsys, main) -> str:
+    """What ``run_cli(main)`` prints on stderr; it must exit with status 1."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main)
+    assert stop.value.code == 1
+    return capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_bad_checkpoint_is_one_line_naming_it(tmp_path, damage, mnist_root, capsys, _restore_warning_format):
+    path = tmp_path / "checkpoint.pt"
+    _damage(path, damage)
+    with pytest.raises(FileNotFoundError if damage == "missing" else CheckpointError, match=str(path)):
         load_checkpoint(path)
-    with pytest.raises(SystemExit, match=f"--resume: .*{path}"):
-        train.main(TINY + ["--resume", "--data-dir", str(mnist_root), "--out-dir", str(tmp_path)])
+    # evaluate.py CHECKPOINT
+    err = _cli_error(capsys, lambda: evaluate.main([str(path), "--device", "cpu"]))
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err, err
+    # train_mnist.py --resume (no previous checkpoint to fall back to)
+    err = _cli_error(capsys, lambda: train.main(TINY + ["--resume", "--data-dir", str(mnist_root),
+                                                        "--out-dir", str(tmp_path)]))
+    assert err.startswith("error: --resume: ") and err.count("\n") == 1 and str(path) in err, err
+
+
+def test_every_script_runs_its_main_through_run_cli():
+    for script in sorted((REPO / "examples").glob("*.py")):
+        last = ast.parse(script.read_text()).body[-1]
+        assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'", script.name
+        assert [ast.unparse(s) for s in last.body] in (["run_cli(main)"], ["training.run_cli(main)"]), script.name
+
+
+def test_the_scripts_print_one_error_line_and_exit_1(tmp_path, mnist_root):
+    """The real processes (the ``__main__`` wiring): no traceback."""
+    path = tmp_path / "checkpoint.pt"
+    _damage(path, "corrupted")
+    for cmd in ([REPO / "examples" / "evaluate.py", path, "--device", "cpu"],
+                [SCRIPT, *TINY, "--resume", "--data-dir", mnist_root, "--out-dir", tmp_path]):
+        done = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr == f"error: {'--resume: ' if cmd[0] == SCRIPT else ''}" \
+            f"checkpoint {path} is corrupted: tensor model.weight differs from its checksum\n", done.stderr
