@@ -46,7 +46,7 @@ a dot product over Dout 2 Dout, a softmax over j ~5 per element, its gradient ~4
                [dL/du, dL/dW; gc = u_hat . gs (2 Dout); dL/dbias = sum_b gc (1); softmax gradient
                 ga (~4); R = sum_i ga u_hat / sqrt(Dout) (2 Dout, through S); dL/du_hat = c gs + ga Q
                 + R (4 Dout)]
-  EXECUTED FLOPs: what the fused kernels (kernels/_streaming.py and the routings' pass kernels)
+  EXECUTED FLOPs: what the fused kernels (kernels/routing/streaming.py and the routings' pass kernels)
   execute, counted as written in their source: u_hat recomputed in every pass, J and Dout padded
   to powers of two (BJ, BD: masked lanes compute too), Din padded to BDIN in the weight-gradient
   accumulation.  Per (b, i, padded j) lane, with Te = 2 Din BD:

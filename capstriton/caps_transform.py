@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels as K
 from ._backend import resolve_backend
 from ._validation import check_transform_shapes
+from .kernels import caps_transform as K
 from .reference import caps_transform_ref
 
 __all__ = ["caps_transform"]

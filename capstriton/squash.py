@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels as K
 from ._backend import resolve_backend
 from ._validation import check_tensor
+from .kernels import squash as K
 from .reference import squash_ref
 
 __all__ = ["squash"]

@@ -184,7 +184,7 @@ def build_model(name: str, cfg: dict, capsnet_params: int | None, backend: str) 
     if name == "capsnet":
         m = cfg["model"]
         return ct.CapsNet(image_size=CANVAS, conv_channels=m["conv_channels"], primary_caps=m["primary_caps"],
-                          iterations=m["iterations"], backend=backend)
+                          iterations=m["iterations"], init_std=0.01, backend=backend)  # the paper's init
     target = capsnet_params or count_parameters(build_model("capsnet", cfg, None, "torch"))
     return conv_baseline_matching(target, CANVAS, channels=tuple(cfg["cnn_channels"]))
 

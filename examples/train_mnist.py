@@ -54,7 +54,7 @@ LEGACY_MODEL = {"capsnet": {"routing": "dynamic", "init_std": 0.01}, "efficient-
 OUTPUT_FILES = ("checkpoint.pt", "metrics.csv", "metrics.png", "config.json", "summary.json", "reconstructions.png")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(training.MNIST_RECIPES), default="capsnet",
                    help="the model and its recipe (capstriton.training.MNIST_RECIPES)")
@@ -129,6 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
                    help="also write TensorBoard event files to DIR (needs: pip install tensorboard; default: none)")
     training.add_run_flags(p, out_dir="runs/mnist")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     training.require_positive(
         p, args, ints=("epochs", "batch_size", "per_rank_batch_size", "iterations", "eval_batch_size", "train_subset",

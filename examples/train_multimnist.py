@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg["seed"])
     m = cfg["model"]
     model = ct.CapsNet(image_size=MULTIMNIST_CANVAS, conv_channels=m["conv_channels"], primary_caps=m["primary_caps"],
-                       iterations=m["iterations"], backend=args.backend).to(device)
+                       iterations=m["iterations"], init_std=0.01, backend=args.backend).to(device)  # paper's init
     params = sum(p.numel() for p in model.parameters())
     print(f"model: CapsNet for {MULTIMNIST_CANVAS}x{MULTIMNIST_CANVAS}, {params:,} parameters", flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])

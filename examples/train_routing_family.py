@@ -58,7 +58,7 @@ def evaluate(model, images, labels, batch_size=500, device="cpu") -> float:
     return correct / images.shape[0]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--routing", choices=ct.routing_names(), default="inverted-attention",
                    help="the routing algorithm, any registered one")
@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on the first N test images only (default: all 10,000)")
     training.add_run_flags(p, out_dir="runs/routing-family")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     training.require_positive(p, args, ints=("batch_size", "iterations", "max_steps", "test_subset", "threads",
                                              "eval_batch_size"), floats=("time_budget", "lr"))

@@ -55,10 +55,16 @@ class EfficientCapsNet(CapsuleModule):
             channels = out
         self.features = nn.Sequential(*layers)
         self.primary = nn.Conv2d(channels, primary_caps * primary_dim, 9, groups=channels)  # depthwise
-        if init_std is None and routing == "self-attention":
+        authors = init_std is None and routing == "self-attention"
+        if authors:
             init_std = math.sqrt(2.0 / (num_classes * primary_caps * primary_dim))  # the authors' he_normal
+        rng = torch.random.get_rng_state()
         self.digit = DigitCaps(primary_caps, primary_dim, num_classes, class_dim, backend=backend, routing=routing,
                                init_std=init_std, **options)
+        if authors:  # W drawn as before it moved into DigitCaps, in (I, J, D, Din) order: the same weights
+            torch.random.set_rng_state(rng)
+            with torch.no_grad():
+                self.digit.weight.copy_(init_std * torch.randn(primary_caps, num_classes, class_dim, primary_dim))
         self.decoder = Decoder(num_classes * class_dim, 28 * 28) if decoder else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -10,7 +10,7 @@ the coupling bias for self-attention, and the last query p / sqrt(D) for inverte
 (None when r = 1).
 
 * ``couplings_from_state(src, W_k, state, bias)``: c from a state, on the triton backend by the
-  ``capstriton::routing_couplings`` op (kernels/couplings.py: u_hat = W u is recomputed, never
+  ``capstriton::routing_couplings`` op (kernels/routing/couplings.py: u_hat = W u is recomputed, never
   materialized, when src = u is given with W_k in the kernel layout);
 * ``routing_couplings(u, W, routing, iterations, ...)``: the plain-PyTorch reference of any
   registered algorithm (its ``couplings_ref``), which reruns the routing on a materialized u_hat.
@@ -25,9 +25,9 @@ from typing import Optional
 
 import torch
 
-from .. import kernels as K
 from .._backend import resolve_backend
 from .._validation import check_same_device_dtype, check_tensor
+from ..kernels.routing import couplings as K
 from ..reference import caps_transform_ref, state_couplings_ref
 from .common import check_coupling_bias
 from .registry import get_routing, resolve_inputs

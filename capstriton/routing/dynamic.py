@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels as K
 from .._backend import resolve_backend
 from .._validation import check_iterations, check_tensor, check_transform_shapes
+from ..kernels.routing import dynamic as K
 from ..reference import caps_transform_ref, dynamic_routing_ref, state_couplings_ref, transform_route_ref
 from .common import absent, kernel_layout_weight
 from .registry import Routed, Routing

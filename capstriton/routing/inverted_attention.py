@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from .. import kernels as K
 from .._backend import resolve_backend
 from .._validation import check_iterations, check_same_device_dtype, check_tensor, check_transform_shapes
+from ..kernels.routing import inverted_attention as K
 from ..reference import caps_transform_ref, inverted_attention_routing_ref
 from .common import absent, kernel_layout_weight, output_shape
 from .registry import LayerParameter, Routed, Routing

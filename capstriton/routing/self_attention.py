@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from .. import kernels as K
 from .._backend import resolve_backend
 from .._validation import check_tensor, check_transform_shapes
+from ..kernels.routing import self_attention as K
 from ..reference import caps_transform_ref, self_attention_couplings_ref, self_attention_routing_ref
 from .common import absent, check_coupling_bias, kernel_layout_weight, output_shape
 from .registry import LayerParameter, Routed, Routing
@@ -69,6 +69,11 @@ def self_attention_routing(u_hat: torch.Tensor, bias: torch.Tensor | None = None
     OUTPUT capsules j of the logits, plus ``bias_ij`` (added after the softmax, as in the authors'
     code); s_j = sum_i c_ij u_hat_ij; v_j = (1 - exp(-|s_j|)) s_j / |s_j| (v = s at s = 0).
     No iterations: two passes over the input capsules (one for S, one for s).
+
+    Range: the logits are formed in fp32 (fp64 for fp64 inputs), so results are finite and right
+    while |u_hat_ij . S_j| / sqrt(D) stays below the dtype's maximum (fp32: entries up to about
+    1e18 / sqrt(I * D)); the squash itself is overflow-safe for every finite s.  Beyond that range
+    the logits overflow and the result is NaN (never a finite wrong value), as in the authors' code.
 
     Args:
         u_hat: prediction vectors, floating point, (batch, input capsules, output capsules, dim).

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+import capstriton as ct
 from capstriton.training import (
     EFFICIENT_CAPSNET_CPU_DEMO,
     EFFICIENT_CAPSNET_RECIPE,
@@ -14,7 +15,9 @@ from capstriton.training import (
     capsule_shapes,
     load_checkpoint,
     triton_self_check,
+    write_checkpoint,
 )
+from tests.examples.flag_help import assert_every_flag_documented
 from tests.helpers import REPO
 
 
@@ -46,8 +49,11 @@ def test_configuration_modes():
     assert demo["model"]["conv_channels"] < 256
     full = train.resolve(train.parse_args(["--device", "cpu", "--full"]))
     assert full["mode"] == "paper" and full["schedule"] == "exp" and full["time_budget"] is None
-    assert full["model"] == {"arch": "capsnet", "conv_channels": 256, "primary_caps": 32, "iterations": 3,
-                             "detach": False}
+    assert full["model"] == {"arch": "capsnet", "conv_channels": 256, "primary_caps": 32, "init_std": 0.01,
+                             "routing": "dynamic", "iterations": 3, "detach": False}
+    # the paper's recipe keeps the paper's initialization (CapsNet's own default scales it)
+    assert train.build_model(full["model"], "torch").digit.init_std == 0.01
+    assert train.build_model(demo["model"], "torch").digit.init_std == 0.01
     assert (full["batch_size"], full["lr"], full["lr_decay"], full["decay_steps"], full["recon_weight"],
             full["shift"], full["epochs"]) == (128, 1e-3, 0.96, 2000, 0.0005, 2, 50)
     if not torch.cuda.is_available():
@@ -91,6 +97,9 @@ def test_short_real_training_run_learns(mnist_dir, tmp_path, capsys):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 3 and state["args"]["model"]["conv_channels"] == 16 and state["optimizer"]
     assert state["step"] == 3 * 20
+    # a checkpoint written before --routing (its model entry names no routing and no init_std) resumes
+    model = {k: v for k, v in state["args"]["model"].items() if k not in ("routing", "init_std")}
+    write_checkpoint(out / "checkpoint.pt", {**state, "args": {**state["args"], "model": model}})
 
     # --resume continues at epoch 4 and appends to the metrics.
     resumed = train.main(SMALL + ["--epochs", "4", "--resume", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
@@ -120,9 +129,11 @@ def test_self_check_covers_squash_and_the_training_shapes(monkeypatch):
                                             "iterations": 2}]
     assert triton_self_check(device, in_caps=72, iterations=2, batch=3) is None
     from capstriton import kernels
+    from capstriton.kernels import squash as squash_kernels
 
-    real = kernels.squash_fwd
-    monkeypatch.setattr(kernels, "squash_fwd", lambda x, eps: real(x, eps) * 1.01)
+    real = squash_kernels.squash_fwd
+    for module in (kernels, squash_kernels):  # wherever capstriton.squash finds it
+        monkeypatch.setattr(module, "squash_fwd", lambda x, eps: real(x, eps) * 1.01)
     assert "squash differs" in triton_self_check(device, in_caps=72, iterations=2, batch=3)
 
 
@@ -149,7 +160,6 @@ def test_flags_that_need_cuda_or_a_model_are_refused_clearly(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
             train.resolve(train.parse_args(["--device", "cpu", "--cuda-graphs"]))
-    import capstriton as ct
     monkeypatch.delattr(ct, "EfficientCapsNet", raising=False)
     cfg = train.resolve(train.parse_args(["--device", "cpu", "--model", "efficient-capsnet"]))
     assert cfg["model"]["arch"] == "efficient-capsnet" and "conv_channels" not in cfg["model"]
@@ -193,4 +203,38 @@ def test_efficient_capsnet_trains_with_its_recipe(mnist_dir, tmp_path):
                           "--no-progress", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
     assert summary["epochs_run"] == 1 and summary["steps"] == 3 and 0 <= summary["test_accuracy"] <= 1
     state = load_checkpoint(out / "checkpoint.pt")
-    assert state["args"]["model"] == {"arch": "efficient-capsnet"} and state["args"]["augment"] == "affine"
+    assert state["args"]["model"] == {"arch": "efficient-capsnet", "routing": "self-attention"}
+    assert state["args"]["augment"] == "affine"
+
+
+def test_routing_flag_takes_any_registered_routing(monkeypatch):
+    """--routing: the choices are the registry's when the flags are parsed; the model is built
+    with that routing and the iterations it takes; the recipe's paper initialization stays with
+    the recipe's own routing."""
+    attention = train.resolve(train.parse_args(["--device", "cpu", "--routing", "self-attention"]))
+    assert attention["model"] == {"arch": "capsnet", "conv_channels": 64, "primary_caps": 4,
+                                  "routing": "self-attention"}
+    model = train.build_model(attention["model"], "torch")
+    assert model.digit.routing == "self-attention" and model.digit.init_std > 0.01
+    inverted = train.resolve(train.parse_args(["--device", "cpu", "--routing", "inverted-attention",
+                                               "--iterations", "4"]))
+    assert train.build_model(inverted["model"], "torch").digit.iterations == 4
+    assert train.resolve(train.parse_args(["--device", "cpu", "--routing", "inverted-attention"]))["model"][
+        "iterations"] == 2
+    efficient = train.resolve(train.parse_args(["--device", "cpu", "--model", "efficient-capsnet",
+                                                "--routing", "dynamic"]))
+    assert train.build_model(efficient["model"], "torch").digit.routing == "dynamic"
+    with pytest.raises(SystemExit, match="--iterations: routing 'self-attention' takes no iterations"):
+        train.resolve(train.parse_args(["--device", "cpu", "--routing", "self-attention", "--iterations", "2"]))
+    with pytest.raises(SystemExit, match="--detach: routing 'inverted-attention' takes no detach"):
+        train.resolve(train.parse_args(["--device", "cpu", "--routing", "inverted-attention", "--detach"]))
+    names = ct.routing_names()
+    monkeypatch.setattr(ct, "routing_names", lambda: (*names, "toy"))
+    assert train.parse_args(["--routing", "toy"]).routing == "toy"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--routing", "nope"])
+
+
+def test_help_shows_every_default_and_what_the_script_writes():
+    text = " ".join(assert_every_flag_documented(train.build_parser()).split())
+    assert "--routing" in text and "Outputs (in --out-dir): metrics.csv" in text

@@ -23,10 +23,7 @@ def _train(model, images, labels, steps=4):
 def test_capsnet_triton_and_torch_backends_share_the_loss_curve():
     small = dict(conv_channels=8, primary_caps=2, primary_dim=4, num_classes=5, digit_dim=6)
     torch_model = ct.CapsNet(backend="torch", **small)
-    triton_model = copy.deepcopy(torch_model)
-    for module in triton_model.modules():
-        if hasattr(module, "backend"):
-            module.backend = "triton"
+    triton_model = copy.deepcopy(torch_model).set_backend("triton")
     images = torch.rand(6, 1, 28, 28)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     ref = _train(torch_model, images, labels)

@@ -1,5 +1,8 @@
 """CapsNet, PrimaryCaps, DigitCaps and the losses on backend="torch": shapes, parameter
-count, hand-computed loss values and input errors."""
+count, hand-computed loss values and input errors; CapsNet and EfficientCapsNet under any
+routing, their documented arguments."""
+import inspect
+
 import pytest
 import torch
 
@@ -145,18 +148,20 @@ def test_digit_caps_bad_input():
         ct.DigitCaps(iterations=0, backend="torch")
     with pytest.raises(TypeError, match="iterations must be an int"):
         ct.DigitCaps(iterations=2.0, backend="torch")
-    with pytest.raises(ValueError, match="in_caps must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"in_caps must be a positive int or None \(inferred\), got 0"):
         ct.DigitCaps(in_caps=0, backend="torch")
     with pytest.raises(ValueError, match="backend must be one of"):
         ct.DigitCaps(backend="gpu")
     layer = ct.DigitCaps(in_caps=6, in_dim=4, out_caps=3, out_dim=2, backend="torch")
-    with pytest.raises(ValueError, match=r"u.shape\[2\] == W.shape\[3\]"):
+    with pytest.raises(ValueError, match=r"DigitCaps\(in_dim=4\) got input capsules of 5 dimensions"):
         layer(torch.randn(2, 6, 5))
     with pytest.raises(ValueError, match=r"u must have 3 dimensions"):
         layer(torch.randn(6, 4))
     with pytest.raises(TypeError, match="u must be a floating-point tensor"):
         layer(torch.ones(2, 6, 4, dtype=torch.int64))
-    assert layer(torch.randn(2, 6, 4, dtype=torch.float64)).dtype == torch.float64  # follows the input
+    with pytest.raises(TypeError, match="as with nn.Linear, convert the layer"):  # the parameters' dtype rules
+        layer(torch.randn(2, 6, 4, dtype=torch.float64))
+    assert layer.double()(torch.randn(2, 6, 4, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_margin_loss_bad_input():
@@ -179,3 +184,65 @@ def test_margin_loss_bad_input():
         ct.margin_loss(lengths, torch.zeros(3, 9))
     with pytest.raises(ValueError, match="targets must be integer labels"):
         ct.margin_loss(lengths, torch.tensor([1.0, 2.0, 3.0]))
+
+
+# --- any routing, every argument documented (issue 19, point 3)
+
+@pytest.mark.parametrize("model", [ct.CapsNet, ct.EfficientCapsNet])
+def test_every_constructor_argument_is_documented(model):
+    doc = model.__doc__
+    missing = [name for name in inspect.signature(model).parameters if f"``{name}``" not in doc and name not in doc]
+    assert not missing, f"{model.__name__} does not document {missing}"
+    assert "margin_loss" in doc or "margin loss" in doc  # the loss guidance
+    assert "inverted-attention" in doc
+
+
+@pytest.mark.parametrize("routing", ["dynamic", "self-attention", "inverted-attention"])
+def test_capsnet_takes_any_registered_routing(routing):
+    model = ct.CapsNet(conv_channels=8, primary_caps=2, routing=routing, backend="torch")
+    assert model.digit.routing == routing
+    own = {"dynamic": set(), "self-attention": {"digit.coupling_bias"},
+           "inverted-attention": {"digit.ln_weight", "digit.ln_bias"}}[routing]
+    assert {n for n, _ in model.named_parameters() if n.startswith("digit.")} == {"digit.weight", *own}
+    lengths, recon, v = model(torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2]))
+    assert lengths.shape == (3, 10) and recon.shape == (3, 784) and v.shape == (3, 10, 16)
+    if routing != "inverted-attention":  # the lengths are probabilities
+        assert torch.all((lengths >= 0) & (lengths < 1))
+    with pytest.raises(ValueError, match="takes no extra arguments|takes \\["):
+        ct.CapsNet(routing=routing, no_such_option=1)
+
+
+def test_capsnet_routing_options_and_default_init():
+    model = ct.CapsNet(conv_channels=8, primary_caps=2, routing="inverted-attention", iterations=4, eps=1e-3)
+    assert model.digit.iterations == 4 and model.digit.routing_options["eps"] == 1e-3
+    assert ct.CapsNet(conv_channels=8, primary_caps=2).digit.iterations == 3  # dynamic routing's default
+    with pytest.raises(ValueError, match=r"routing='self-attention' takes \['bias'\], got \['iterations'\]"):
+        ct.CapsNet(routing="self-attention", iterations=3)
+    # the paper's model: same parameter count; its recipe passes the paper's init_std=0.01
+    paper = ct.CapsNet(backend="torch")
+    assert sum(p.numel() for p in paper.parameters()) == 8_215_568
+    assert paper.digit.init_std == pytest.approx(ct.layers.default_init_std(1152, 10, 16))
+    assert ct.CapsNet(init_std=0.01).digit.init_std == 0.01
+
+
+@pytest.mark.parametrize("routing", ["self-attention", "dynamic"])
+def test_efficient_capsnet_takes_a_routing(routing):
+    model = ct.EfficientCapsNet(decoder=False, backend="torch", routing=routing)
+    assert model.digit.routing == routing
+    if routing == "self-attention":  # the authors' he_normal
+        assert model.digit.init_std == pytest.approx((2 / (10 * 16 * 8)) ** 0.5)
+        assert sum(p.numel() for p in model.parameters()) == 161_824
+    lengths, _, v = model.eval()(torch.rand(2, 1, 28, 28))
+    assert lengths.shape == (2, 10) and v.shape == (2, 10, 16)
+
+
+def test_efficient_capsnet_loads_checkpoints_from_before_its_digit_layer():
+    model = ct.EfficientCapsNet(decoder=False, backend="torch").eval()
+    state = model.state_dict()
+    old = {("weight" if k == "digit.weight" else "coupling_bias" if k == "digit.coupling_bias" else k):
+           (v.contiguous() if k == "digit.weight" else v) for k, v in state.items()}
+    assert "weight" in old and "digit.weight" not in old
+    fresh = ct.EfficientCapsNet(decoder=False, backend="torch").eval()
+    fresh.load_state_dict(old)
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(fresh(x)[0], model(x)[0], rtol=0, atol=0)

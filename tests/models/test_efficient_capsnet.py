@@ -22,7 +22,7 @@ def test_forward_contract_and_gradients():
     (ct.margin_loss(lengths, y) + 0.0005 * ct.reconstruction_loss(recon, x)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.coupling_bias.grad.abs().sum() > 0 and model.weight.grad.abs().sum() > 0
+    assert model.digit.coupling_bias.grad.abs().sum() > 0 and model.digit.weight.grad.abs().sum() > 0
     assert ct.EfficientCapsNet(decoder=False)(x)[1] is None
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\), got \(3, 28, 28\)"):
         model(x[:, 0])
