@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint setup bench bench-smoke bench-host gpu-bundle compile-check tune clean
+.PHONY: train test test-slow lint setup bench bench-smoke bench-host gpu-bundle compile-check tune clean
 
 # test workers (pytest-xdist): one per core of the 2-core machine
 WORKERS ?= 2
@@ -24,6 +24,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) $(ARGS)
+
+# the long tests the default run skips (GPU-sized grids under the interpreter, end-to-end runs)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n $(WORKERS) -m slow $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

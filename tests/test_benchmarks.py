@@ -29,6 +29,7 @@ def _finite(value) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_bench_digitcaps_smoke(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_digitcaps.py"), "--smoke",

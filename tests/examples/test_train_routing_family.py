@@ -18,6 +18,7 @@ def _script():
     return script
 
 
+@pytest.mark.slow
 def test_inverted_attention_trains_on_mnist(mnist_root, tmp_path):
     """A linear head per class capsule + cross-entropy learns MNIST through inverted-attention
     routing: 80 steps of 64 images give far better than chance on 500 test images; the run

@@ -2,6 +2,7 @@
 curve as backend="torch", to fp32 tolerance."""
 import copy
 
+import pytest
 import torch
 
 import capstriton as ct
@@ -20,6 +21,7 @@ def _train(model, images, labels, steps=4):
     return losses
 
 
+@pytest.mark.slow
 def test_capsnet_triton_and_torch_backends_share_the_loss_curve():
     small = dict(conv_channels=8, primary_caps=2, primary_dim=4, num_classes=5, digit_dim=6)
     torch_model = ct.CapsNet(backend="torch", **small)

@@ -44,6 +44,7 @@ def test_iterations_and_affine(iterations, affine):
     _check(True, (6, 11, 4, 6, 5), torch.float32, iterations, affine, eps=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("programs", [1, 40], ids=["one-chunk", "many-chunks"])
 def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several

@@ -38,6 +38,7 @@ def test_matches_reference(shape, fused, with_bias, dtype):
     _check(fused, shape, dtype, with_bias)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("programs", [1, 40], ids=["one-chunk", "many-chunks"])
 def test_grid_splits_and_batch_groups(programs, monkeypatch):
     """One chunk, and many chunks (partials reduced 8 at a time with a remainder) with several
