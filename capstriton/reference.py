@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "squash_ref",
+    "layer_norm_ref",
     "caps_transform_ref",
     "dynamic_routing_ref",
     "transform_route_ref",
@@ -20,6 +21,31 @@ __all__ = [
 ]
 
 
+def _pow2_scale_ref(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-vector power of two near the largest |entry| (1 when that is below 1), detached: dividing
+    by it is exact and keeps squared norms from overflowing (the kernels' _pow2_scale)."""
+    max_abs = x.detach().abs().amax(dim=dim, keepdim=True)
+    return torch.where(max_abs >= 1, torch.exp2(torch.floor(torch.log2(max_abs))), torch.ones_like(max_abs))
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim, finite for every finite x: LayerNorm is scale-invariant up to
+    eps, so it is computed on z = x / s (s = _pow2_scale_ref) with epsilon eps / s^2 (underflowing
+    to 0 for huge s: the exact limit), as the kernels do.  Half precision is computed in fp32."""
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    s = _pow2_scale_ref(work, -1)
+    z = work / s
+    diff = z - z.mean(dim=-1, keepdim=True)
+    var = (diff * diff).mean(dim=-1, keepdim=True)
+    out = diff / torch.sqrt(var + eps * (1.0 / s) ** 2)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
+
+
 def squash_ref(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """v = x * |x|^2 / ((1 + |x|^2) * sqrt(|x|^2 + eps)); finite (with finite grads) at x = 0 and
     for every finite x: |x|^2 would overflow (fp32 above ~1.8e19, fp16 from 256), so each vector
@@ -27,9 +53,8 @@ def squash_ref(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tenso
     the formula is written in z = x / s (kernels/squash.py derives it).  Half precision is
     computed in fp32, like the kernels."""
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    max_abs = work.detach().abs().amax(dim=dim, keepdim=True)
     # s is a constant for autograd: the expression below equals squash(x) for any fixed s > 0
-    s = torch.where(max_abs >= 1, torch.exp2(torch.floor(torch.log2(max_abs))), torch.ones_like(max_abs))
+    s = _pow2_scale_ref(work, dim)
     z = work / s
     q = (z * z).sum(dim=dim, keepdim=True)
     inv_s2 = (1.0 / s) ** 2  # underflows to 0 for huge s: the exact limit
@@ -76,8 +101,9 @@ def transform_route_ref(u: torch.Tensor, W: torch.Tensor, iterations: int = 3, d
 # ----------------------------------------------------------------------------------------------
 def exp_squash_ref(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Efficient-CapsNet's squash v = (1 - exp(-|s|)) s / |s|, through expm1; v = s at |s| = 0
-    (the limit), with finite gradients there (identity Jacobian)."""
-    n = torch.linalg.vector_norm(s, dim=dim, keepdim=True)
+    (the limit), with finite gradients there (identity Jacobian); finite for every finite s."""
+    scale_ = _pow2_scale_ref(s, dim)  # |s| computed on s / scale_: no overflow for any finite s
+    n = scale_ * torch.linalg.vector_norm(s / scale_, dim=dim, keepdim=True)
     nonzero = n > 0
     n_safe = torch.where(nonzero, n, torch.ones_like(n))
     scale = torch.where(nonzero, -torch.expm1(-n_safe) / n_safe, torch.ones_like(n))
@@ -121,12 +147,12 @@ def inverted_attention_routing_ref(u_hat: torch.Tensor, iterations: int = 2, wei
     """Inverted dot-product attention routing (Tsai et al. 2020): u_hat (B, I, J, D) -> p (B, J, D).
 
     p^0 = 0; for t = 1..iterations: r_ij = softmax_j(u_hat_ij . p^{t-1}_j / sqrt(D)),
-    p^t_j = LayerNorm_D(sum_i r_ij u_hat_ij) (affine ``weight``, ``bias`` of shape (D,) when
+    p^t_j = layer_norm_ref(sum_i r_ij u_hat_ij) (affine ``weight``, ``bias`` of shape (D,) when
     given).  The first iteration's coupling is uniform.  ``return_coupling``: also return the
     last iteration's r (B, I, J)."""
     B, I, J, D = u_hat.shape
     p = u_hat.new_zeros(B, J, D)
     for _ in range(iterations):
         r = _inverted_attention_couplings(u_hat, p)
-        p = torch.nn.functional.layer_norm((r.unsqueeze(-1) * u_hat).sum(dim=1), (D,), weight, bias, eps)
+        p = layer_norm_ref((r.unsqueeze(-1) * u_hat).sum(dim=1), weight, bias, eps)
     return (p, r) if return_coupling else p

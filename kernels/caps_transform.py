@@ -28,7 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_cache_kwargs, autotune_configs, batch_bucket, dot_precision, empty, on_device
+from ._common import (
+    autotune_cache_kwargs,
+    autotune_configs,
+    batch_bucket,
+    dot_precision,
+    empty,
+    interpreter_enabled,
+    on_device,
+)
 from .autotune_cache import ensure_tuned_configs_loaded
 from .partials import MAX_GROUPS, sum_partials
 
@@ -86,6 +94,7 @@ def caps_transform_fwd_kernel(
     BLOCK_N: tl.constexpr,   # outputs (of N) per program
     BLOCK_K: tl.constexpr,   # Din chunk, power of two >= 16
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 ("ieee" / "tf32")
+    UPCAST: tl.constexpr,    # fp32 operands for tl.dot (bf16 under the interpreter: _upcast)
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -104,6 +113,8 @@ def caps_transform_fwd_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + (i * N + cols[None, :]) * DIN + ks[:, None],      # W[i]^T tile (K, N)
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            u, wt = u.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(u, wt, acc, input_precision=INPUT_PRECISION)
     tl.store(out_ptr + (rows[:, None] * I + i) * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -121,6 +132,7 @@ def caps_transform_bwd_u_kernel(
     BLOCK_N: tl.constexpr,   # reduction chunk over N
     BLOCK_K: tl.constexpr,   # grad_u columns (of Din) per program, power of two >= 16
     INPUT_PRECISION: tl.constexpr,  # as in the forward
+    UPCAST: tl.constexpr,    # as in the forward
 ):
     pid = tl.program_id(0).to(tl.int64)
     k_blocks = tl.cdiv(DIN, BLOCK_K)
@@ -139,6 +151,8 @@ def caps_transform_bwd_u_kernel(
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptr + (i * N + ns[:, None]) * DIN + ks[None, :],           # W[i] tile (N, K)
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            g, w = g.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
     tl.store(gu_ptr + (rows[:, None] * I + i) * DIN + ks[None, :], acc.to(gu_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
@@ -157,6 +171,7 @@ def caps_transform_bwd_w_kernel(
     BLOCK_N: tl.constexpr,   # rows of the grad_W tile
     BLOCK_K: tl.constexpr,   # columns of the grad_W tile (of Din), power of two >= 16
     INPUT_PRECISION: tl.constexpr,  # as in the forward
+    UPCAST: tl.constexpr,    # as in the forward
 ):
     pid = tl.program_id(0).to(tl.int64)
     k_blocks = tl.cdiv(DIN, BLOCK_K)
@@ -177,6 +192,8 @@ def caps_transform_bwd_w_kernel(
                      mask=n_ok[:, None] & row_ok[None, :], other=0.0)
         u = tl.load(u_ptr + (rows[:, None] * I + i) * DIN + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            gt, u = gt.to(tl.float32), u.to(tl.float32)
         acc = tl.dot(gt, u, acc, input_precision=INPUT_PRECISION)
     tl.store(out_ptr + ((grp * I + i) * N + ns[:, None]) * DIN + ks[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
@@ -184,6 +201,13 @@ def caps_transform_bwd_w_kernel(
 
 # triton >= 3.8 accepts K = 8 for fp32 tl.dot; older releases (3.6, 3.7) need K >= 16
 _FP32_K8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584): there the
+    kernels upcast bf16 operands to fp32 (exact products, fp32 accumulation as on the GPU).  Compiled
+    code is unchanged."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
 
 
 def _k_min(dtype: torch.dtype) -> int:
@@ -221,7 +245,8 @@ def _caps_transform_fwd(u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         return (triton.cdiv(N, meta["BLOCK_N"]) * I * triton.cdiv(B, meta["BLOCK_B"]),)
 
     caps_transform_fwd_kernel[grid](u_ptr=u, w_ptr=W, out_ptr=out, B=B, I=I, N=N, DIN=Din, B_BUCKET=batch_bucket(B),
-                                    BLOCK_K=_k_min(u.dtype), INPUT_PRECISION=dot_precision(u.dtype))
+                                    BLOCK_K=_k_min(u.dtype), INPUT_PRECISION=dot_precision(u.dtype),
+                                    UPCAST=_upcast(u.dtype))
     return out
 
 
@@ -247,7 +272,7 @@ def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
     grad_u = empty(B, I, Din, dtype=u.dtype, device=u.device)
     caps_transform_bwd_u_kernel[lambda meta: (k_blocks * I * triton.cdiv(B, meta["BLOCK_B"]),)](
         g_ptr=grad, w_ptr=W, gu_ptr=grad_u, B=B, I=I, N=N, DIN=Din, B_BUCKET=bucket, BLOCK_K=block_k,
-        INPUT_PRECISION=precision)
+        INPUT_PRECISION=precision, UPCAST=_upcast(u.dtype))
 
     G = num_batch_groups(B, I, N, Din) if groups is None else int(groups)
     if not 1 <= G <= MAX_GROUPS:
@@ -256,7 +281,7 @@ def _caps_transform_bwd(u: torch.Tensor, W: torch.Tensor, grad: torch.Tensor,
     partial = empty(G, *W.shape, dtype=W.dtype if G == 1 else torch.float32, device=W.device)
     caps_transform_bwd_w_kernel[lambda meta: (k_blocks * triton.cdiv(N, meta["BLOCK_N"]) * I * G,)](
         g_ptr=grad, u_ptr=u, out_ptr=partial, B=B, I=I, N=N, DIN=Din, B_BUCKET=bucket, G=G, BLOCK_K=block_k,
-        INPUT_PRECISION=precision)
+        INPUT_PRECISION=precision, UPCAST=_upcast(u.dtype))
     return grad_u, sum_partials(partial, W.dtype)
 
 
@@ -278,7 +303,7 @@ def _compile_cases() -> list[dict]:
             sig.update(sizes)
             sig.update(extra)
             block_k = _k_min(torch_dtype) if name == "caps_transform_fwd" else _block_k(8, torch_dtype)
-            constexprs = dict(cfg.kwargs, BLOCK_K=block_k, INPUT_PRECISION=precision)
+            constexprs = dict(cfg.kwargs, BLOCK_K=block_k, INPUT_PRECISION=precision, UPCAST=False)
             cases.append(dict(name=f"{name}_{dtype}", fn=tuner.fn, signature=sig, constexprs=constexprs,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=True))
     return cases

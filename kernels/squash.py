@@ -26,18 +26,6 @@ from ._common import empty, on_device
 
 
 @triton.jit
-def _squash_scale(sq_norm, eps):
-    """f(n) and f'(n) of the module docstring, in fp32, arranged so that no intermediate
-    overflows for large n: f = n/(1+n) * rsqrt(n+eps), f' = rsqrt(n+eps)/(1+n) *
-    (1/(1+n) - n/(2(n+eps)))."""
-    inv_root = 1.0 / tl.sqrt(sq_norm + eps)
-    inv_one_plus = 1.0 / (1.0 + sq_norm)
-    f = sq_norm * inv_one_plus * inv_root
-    df = inv_root * inv_one_plus * (inv_one_plus - 0.5 * sq_norm / (sq_norm + eps))
-    return f, df
-
-
-@triton.jit
 def _pow2_scale(max_abs):
     """Per-row scale s of the module docstring: 2^floor(log2 max_abs) (the exponent bits of the
     fp32 max_abs) when max_abs >= 1, else 1.  x / s is then exact and |x / s|^2 cannot overflow."""

@@ -58,7 +58,7 @@ import triton.language as tl
 
 from .._common import batch_bucket, cdiv, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
-from ..squash import _squash_scale
+from ..squash import _pow2_scale, _squash_scale_rescaled
 from . import modes
 from .compile_cases import F32, I32, case, final_grad_cases, over_shapes, pick
 from .streaming import (
@@ -85,17 +85,27 @@ ROUTING_EPS = 1e-8  # eps of the squash inside routing (same as the reference)
 # streaming pass over the input capsules (forward iteration or backward reduction) + finish
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _squash_tile(s, eps):
-    """squash(s) over d for a tile, and the (f, f') factors of kernels/squash.py (expanded)."""
-    f, df = _squash_scale(dot_d(s, s), eps)
-    return expand(f), expand(df)
+def _rescaled_tile(s, eps):
+    """Overflow-safe squash of kernels/squash.py for a tile: (z, sc, F, C) with z = s / sc (sc a power
+    of two per D-vector), squash(s) = F z, squash'(s)^T g = (F g + C (z . g) z) / sc (F, C, sc expanded)."""
+    sc = _pow2_scale(tl.max(tl.max(tl.abs(s), axis=3), axis=0))
+    z = s / expand(sc)
+    F, C = _squash_scale_rescaled(dot_d(z, z), sc, eps)
+    return z, expand(sc), expand(F), expand(C)
+
+
+@triton.jit
+def _squash_vec(s, eps):
+    """squash(s) over d for a tile, finite for every finite s."""
+    z, _, F, _ = _rescaled_tile(s, eps)
+    return F * z
 
 
 @triton.jit
 def _squash_grad(s, g, eps):
-    """squash'(s)^T g for a tile: f g + 2 f' (s . g) s."""
-    f, df = _squash_tile(s, eps)
-    return f * g + 2.0 * df * expand(dot_d(s, g)) * s
+    """squash'(s)^T g for a tile."""
+    z, sc, F, C = _rescaled_tile(s, eps)
+    return (F * g + C * expand(dot_d(z, g)) * z) / sc
 
 
 @pass_autotune("FUSED", "BACKWARD", restore=("gs_all_ptr",))
@@ -166,8 +176,7 @@ def routing_pass_kernel(
             tl.store(out, _squash_grad(s, acc, eps), mask=mask)
         else:  # acc = s^t: v^t = squash(s^t), P^{t+1} = P^t + v^t
             tl.store(s_all_ptr + at(t, stride) + bjd, acc, mask=mask)
-            f = _squash_tile(acc, eps)[0]
-            v = f * acc
+            v = _squash_vec(acc, eps)
             if LAST:
                 tl.store(v_ptr + bjd, v.to(v_ptr.dtype.element_ty), mask=mask)
             else:

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .._common import batch_bucket, cdiv, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
+from ..squash import _pow2_scale
 from . import modes
 from .compile_cases import F32, I32, case, over_shapes, pick
 from .streaming import (
@@ -72,11 +73,16 @@ def _d_index(b_offs, BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr):
 
 @triton.jit
 def _layer_norm(s, jd_mask, eps, D: tl.constexpr):
-    """(xhat, rstd) of the D-vectors of a tile: xhat = (s - mean) rstd, rstd (BLOCK_B, BJ)."""
-    mean = tl.sum(tl.sum(s, axis=3), axis=0) / D
-    diff = tl.where(jd_mask, s - expand(mean), 0.0)
-    rstd = 1.0 / tl.sqrt(dot_d(diff, diff) / D + eps)
-    return diff * expand(rstd), rstd
+    """(xhat, rstd) of the D-vectors of a tile: xhat = (s - mean) rstd, rstd (BLOCK_B, BJ).  Scale-invariant
+    form, finite for every finite s: with z = s / sc (sc = _pow2_scale(max |s|), exact), xhat is the
+    LayerNorm of z with epsilon eps / sc^2 (underflowing to 0 for huge sc: the exact limit), rstd = rstd_z / sc."""
+    sc = _pow2_scale(tl.max(tl.max(tl.abs(s), axis=3), axis=0))
+    z = s / expand(sc)
+    mean = tl.sum(tl.sum(z, axis=3), axis=0) / D
+    diff = tl.where(jd_mask, z - expand(mean), 0.0)
+    inv_sc = 1.0 / sc
+    rstd = 1.0 / tl.sqrt(dot_d(diff, diff) / D + eps * (inv_sc * inv_sc))
+    return diff * expand(rstd), rstd * inv_sc
 
 
 @triton.jit

@@ -17,6 +17,9 @@ Forward, per sample (u = u_hat (I, J, D), bias (I, J) optional), two streaming p
     v_j = f(n_j) s_j,  n = |s_j|,  f(n) = (1 - exp(-n)) / n   (f(0) = 1)              its finish
 The I x I attention matrix u_ij . u_kj is never formed: only its row sums u_ij . S_j enter.
 Saved for the backward: Q and s, (B, J, D) each.
+Range: |s| is taken on s / sc (sc = squash._pow2_scale), so the squash is finite for every finite s;
+the fp32 logits u . Q overflow for entries beyond about 1e18 / sqrt(I D), and then give NaN (never
+a finite wrong value).
 
 Backward.  With g = dL/dv and s_hat = s / n (0 at n = 0), since v = (1 - exp(-n)) s_hat:
     gs = f g + (exp(-n) - f) (s_hat . g) s_hat                       (finite at s = 0: gs = g)
@@ -39,6 +42,7 @@ import triton.language as tl
 
 from .._common import batch_bucket, empty, launch, on_device, target_programs
 from ..autotune_cache import ensure_tuned_configs_loaded
+from ..squash import _pow2_scale
 from . import modes
 from .compile_cases import F32, I32, case, final_grad_cases, over_shapes, pick
 from .streaming import (
@@ -58,22 +62,27 @@ from .tiles import dot_d, expand
 
 
 @triton.jit
-def _exp_squash_scale(n):
-    """f(n) = (1 - exp(-n)) / n and exp(-n) for norms n >= 0, accurate in fp32 down to n = 0."""
+def _exp_squash_scale(s):
+    """Exp-squash factors of a tile s, overflow-safe: with sc = _pow2_scale(max |s|) (exact), z = s / sc,
+    n = |s| = sc |z|: returns (z, zhat = s / |s|, F, f, e), v = F z, f = F / sc = (1 - exp(-n)) / n, e = exp(-n)
+    (expanded).  n < 0.1 implies sc = 1: there f is the series, accurate in fp32 down to n = 0."""
+    sc = _pow2_scale(tl.max(tl.max(tl.abs(s), axis=3), axis=0))
+    z = s / expand(sc)
+    nz = tl.sqrt(dot_d(z, z))
+    n = sc * nz
     e = tl.exp(-n)
     series = 1.0 + n * (-0.5 + n * (1.0 / 6.0 + n * (-1.0 / 24.0 + n * (1.0 / 120.0 - n / 720.0))))
     small = n < 0.1
-    f = tl.where(small, series, (1.0 - e) / tl.where(small, 1.0, n))
-    return f, e
+    F = tl.where(small, series, (1.0 - e) / tl.where(small, 1.0, nz))
+    zhat = z / expand(tl.where(nz > 0, nz, 1.0))
+    return z, zhat, expand(F), expand(F / sc), expand(e)
 
 
 @triton.jit
 def _exp_squash_grad(s, g):
-    """dL/ds for a tile from s and g = dL/dv (module docstring)."""
-    n = tl.sqrt(dot_d(s, s))
-    f, e = _exp_squash_scale(n)
-    s_hat = s / expand(tl.where(n > 0, n, 1.0))
-    return expand(f) * g + expand((e - f) * dot_d(s_hat, g)) * s_hat
+    """dL/ds for a tile from s and g = dL/dv (module docstring): f g + (e - f) (zhat . g) zhat."""
+    _, zhat, _, f, e = _exp_squash_scale(s)
+    return f * g + (e - f) * expand(dot_d(zhat, g)) * zhat
 
 
 @pass_autotune("FUSED", "MODE", "HAS_BIAS")
@@ -123,8 +132,8 @@ def self_attention_pass_kernel(
             tl.store(Q_ptr + bjd, acc * scale, mask=mask)
         elif MODE == modes.FORWARD:  # acc = s: v = f(|s|) s
             tl.store(s_ptr + bjd, acc, mask=mask)
-            f = _exp_squash_scale(tl.sqrt(dot_d(acc, acc)))[0]
-            tl.store(v_ptr + bjd, (expand(f) * acc).to(v_ptr.dtype.element_ty), mask=mask)
+            z, _, F, _, _ = _exp_squash_scale(acc)
+            tl.store(v_ptr + bjd, (F * z).to(v_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(R_ptr + bjd, acc * scale, mask=mask)
 
