@@ -45,11 +45,6 @@ from capstriton.training.cli import HelpFormatter  # noqa: E402
 DEMO = training.MNIST_RECIPES["capsnet"]["cpu-demo"]
 METRIC_FIELDS = ["epoch", "mode", "train_loss", "train_acc", "test_loss", "test_acc", "test_error", "seconds",
                  "images_per_s", "lr"]
-# the routing each model is built with unless --routing says otherwise
-MODEL_ROUTING = {"capsnet": "dynamic", "efficient-capsnet": "self-attention"}
-# what a checkpoint written before --routing (and before CapsNet scaled its initialization) left
-# out of its model entry: the values it was built with
-LEGACY_MODEL = {"capsnet": {"routing": "dynamic", "init_std": 0.01}, "efficient-capsnet": {"routing": "self-attention"}}
 # files written atomically in --out-dir (a killed run may leave their temporaries behind)
 OUTPUT_FILES = ("checkpoint.pt", "metrics.csv", "metrics.png", "config.json", "summary.json", "reconstructions.png")
 
@@ -150,18 +145,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def routing_config(args: argparse.Namespace) -> dict:
-    """The model's routing entries: the routing by name and the --iterations / --detach it takes
-    (every option a routing takes is recorded, so a checkpoint names its model fully)."""
-    routing = args.routing or MODEL_ROUTING[args.model]
-    takes = ct.get_routing(routing).options
-    for flag, value in (("iterations", args.iterations), ("detach", args.detach)):
-        if value and flag not in takes:
-            raise SystemExit(f"--{flag}: routing {routing!r} takes no {flag} (its options: {sorted(takes)})")
-    chosen = {"iterations": args.iterations or takes.get("iterations"), "detach": args.detach}
-    return {"routing": routing, **{k: v for k, v in chosen.items() if k in takes}}
-
-
 def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) -> dict:
     """Turn the flags into the run's full configuration (device, mode, model, schedule, batch)."""
     device = dist.device if dist is not None else training.resolve_device(args.device)
@@ -173,9 +156,9 @@ def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) 
     base = training.MNIST_RECIPES[args.model][mode]
     pick = lambda flag, key: flag if flag is not None else base[key]  # noqa: E731
     widths = {"conv_channels": args.conv_channels, "primary_caps": args.primary_caps}  # capsnet only
-    routing = routing_config(args)
+    routing = training.mnist_routing(args.model, args.routing, args.iterations, args.detach)
     model = {"arch": args.model, **base["model"], **{k: v for k, v in widths.items() if v is not None}, **routing}
-    if routing["routing"] != MODEL_ROUTING[args.model]:  # the recipe's initialization is its routing's
+    if routing["routing"] != training.MODEL_ROUTING[args.model]:  # the recipe's initialization is its routing's
         model.pop("init_std", None)
     batch = args.per_rank_batch_size * world if args.per_rank_batch_size is not None else pick(args.batch_size,
                                                                                                 "batch_size")
@@ -196,14 +179,7 @@ def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) 
     }
 
 
-def build_model(model_cfg: dict, backend: str) -> torch.nn.Module:
-    """The model that ``model_cfg`` (resolve()["model"]) describes."""
-    name = training.MNIST_RECIPES[model_cfg["arch"]]["class"]
-    cls = getattr(ct, name, None)
-    if cls is None:
-        raise SystemExit(f"--model {model_cfg['arch']}: capstriton.{name} is not available in this version of "
-                         f"capstriton ({ct.__file__}); update the package or use --model capsnet")
-    return cls(**{k: v for k, v in model_cfg.items() if k != "arch"}, backend=backend)
+build_model = training.build_mnist_model
 
 
 def main(argv=None) -> dict:
@@ -281,14 +257,9 @@ def train(args, dist: training.Distributed) -> dict:
                          on_record=record, checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every,
                          scaler=scaler, args=cfg, progress=not args.no_progress, log_every=args.log_every)
 
-    def other_model(state: dict) -> str | None:  # what is wrong with a checkpoint to resume from
-        saved = state["args"].get("model")
-        saved = {"arch": "capsnet", **saved} if saved and "arch" not in saved else saved
-        saved = {**LEGACY_MODEL[saved["arch"]], **saved} if saved and saved.get("arch") in LEGACY_MODEL else saved
-        return f"holds a model {saved}, this run asks for {cfg['model']}" if saved != cfg["model"] else None
-
     if args.resume:
-        log(f"resumed from {loop.checkpoint} {loop.resume(other_model)}")
+        resumed = loop.resume(lambda old: training.checkpoint_model_mismatch(old["args"].get("model"), cfg["model"]))
+        log(f"resumed from {loop.checkpoint} {resumed}")
     if dist.is_main:
         training.write_json(out / "config.json", cfg)
         # the checkpoint's history is the truth: drop rows a killed run wrote after it

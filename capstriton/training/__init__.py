@@ -44,8 +44,12 @@ from .recipes import (
     EFFICIENT_CAPSNET_CPU_DEMO,
     EFFICIENT_CAPSNET_RECIPE,
     MNIST_RECIPES,
+    MODEL_ROUTING,
     MULTIMNIST_CPU_DEMO,
     MULTIMNIST_FULL,
+    build_mnist_model,
+    checkpoint_model_mismatch,
+    mnist_routing,
 )
 from .schedule import learning_rate, paper_lr, set_lr
 from .selfcheck import capsule_shapes, choose_backend, triton_self_check
@@ -61,6 +65,7 @@ __all__ = [
     "MetricsFiles", "write_metrics_csv", "plot_metrics", "write_json", "write_text", "save_reconstructions",
     "tensorboard_writer", "triton_self_check", "capsule_shapes", "choose_backend", "add_run_flags",
     "require_positive", "resolve_device", "check_backend", "run_cli", "CAPSNET_PAPER", "CAPSNET_CPU_DEMO",
-    "EFFICIENT_CAPSNET_RECIPE", "EFFICIENT_CAPSNET_CPU_DEMO", "MNIST_RECIPES", "AFFINE_FULL", "AFFINE_CPU_DEMO",
+    "EFFICIENT_CAPSNET_RECIPE", "MODEL_ROUTING", "build_mnist_model", "checkpoint_model_mismatch",
+    "mnist_routing", "EFFICIENT_CAPSNET_CPU_DEMO", "MNIST_RECIPES", "AFFINE_FULL", "AFFINE_CPU_DEMO",
     "MULTIMNIST_FULL", "MULTIMNIST_CPU_DEMO",
 ]

@@ -1,11 +1,17 @@
 """Training recipes: the published ones, and bounded CPU demonstrations of each (minutes on 2
-cores, measured in docs).  Plain dicts; a script's flags override their entries."""
+cores, measured in docs).  Plain dicts; a script's flags override their entries.  Also how an
+MNIST run's configuration names its model and routing, builds it, and checks a checkpoint's."""
 from __future__ import annotations
 
+import torch
+
+from .. import models
 from ..data import MULTIMNIST_PAIRS_PER_DIGIT
+from ..routing import get_routing
 
 __all__ = ["CAPSNET_PAPER", "CAPSNET_CPU_DEMO", "EFFICIENT_CAPSNET_RECIPE", "EFFICIENT_CAPSNET_CPU_DEMO",
-           "MNIST_RECIPES", "AFFINE_FULL", "AFFINE_CPU_DEMO", "MULTIMNIST_FULL", "MULTIMNIST_CPU_DEMO"]
+           "MNIST_RECIPES", "MODEL_ROUTING", "mnist_routing", "build_mnist_model", "checkpoint_model_mismatch",
+           "AFFINE_FULL", "AFFINE_CPU_DEMO", "MULTIMNIST_FULL", "MULTIMNIST_CPU_DEMO"]
 
 # CapsNet on MNIST (Sabour et al. 2017): Adam (lr 1e-3, x0.96 every 2000 steps), batch 128, random
 # shifts of up to 2 pixels, margin loss + 0.0005 x sum-of-squares reconstruction loss, 50 epochs.
@@ -83,3 +89,40 @@ MULTIMNIST_FULL = {"conv_channels": 256, "primary_caps": 32, "steps": 468_750, "
                    "val_digits": 5000}
 MULTIMNIST_CPU_DEMO = {"conv_channels": 64, "primary_caps": 4, "steps": 1_000_000, "eval_every": 100,
                        "time_budget": 480.0, "test_digits": 1000, "pairs_per_digit": 2, "val_digits": 5000}
+
+
+# the routing each MNIST model is built with unless --routing says otherwise
+MODEL_ROUTING = {"capsnet": "dynamic", "efficient-capsnet": "self-attention"}
+# what a checkpoint written before --routing (and before CapsNet scaled its initialization) left
+# out of its model entry: the values it was built with
+LEGACY_MODEL = {"capsnet": {"routing": "dynamic", "init_std": 0.01}, "efficient-capsnet": {"routing": "self-attention"}}
+
+
+def mnist_routing(model: str, routing: str | None, iterations: int | None, detach: bool) -> dict:
+    """A model's routing entries: the routing by name and the iterations / detach it takes (every
+    option a routing takes is recorded, so a checkpoint names its model fully)."""
+    routing = routing or MODEL_ROUTING[model]
+    takes = get_routing(routing).options
+    for flag, value in (("iterations", iterations), ("detach", detach)):
+        if value and flag not in takes:
+            raise SystemExit(f"--{flag}: routing {routing!r} takes no {flag} (its options: {sorted(takes)})")
+    chosen = {"iterations": iterations or takes.get("iterations"), "detach": detach}
+    return {"routing": routing, **{k: v for k, v in chosen.items() if k in takes}}
+
+
+def build_mnist_model(model_cfg: dict, backend: str) -> torch.nn.Module:
+    """The model a run's configuration describes ({"arch": ..., constructor arguments})."""
+    name = MNIST_RECIPES[model_cfg["arch"]]["class"]
+    cls = getattr(models, name, None)
+    if cls is None:
+        raise SystemExit(f"--model {model_cfg['arch']}: capstriton.{name} is not available in this version of "
+                         f"capstriton; update the package or use --model capsnet")
+    return cls(**{k: v for k, v in model_cfg.items() if k != "arch"}, backend=backend)
+
+
+def checkpoint_model_mismatch(saved: dict | None, wanted: dict) -> str | None:
+    """Why a checkpoint's model entry differs from the run's (entries of older checkpoints filled
+    in with the values they were built with), or None."""
+    saved = {"arch": "capsnet", **saved} if saved and "arch" not in saved else saved
+    saved = {**LEGACY_MODEL[saved["arch"]], **saved} if saved and saved.get("arch") in LEGACY_MODEL else saved
+    return f"holds a model {saved}, this run asks for {wanted}" if saved != wanted else None

@@ -160,7 +160,7 @@ def test_flags_that_need_cuda_or_a_model_are_refused_clearly(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
             train.resolve(train.parse_args(["--device", "cpu", "--cuda-graphs"]))
-    monkeypatch.delattr(ct, "EfficientCapsNet", raising=False)
+    monkeypatch.delattr(ct.models, "EfficientCapsNet", raising=False)
     cfg = train.resolve(train.parse_args(["--device", "cpu", "--model", "efficient-capsnet"]))
     assert cfg["model"]["arch"] == "efficient-capsnet" and "conv_channels" not in cfg["model"]
     with pytest.raises(SystemExit, match="capstriton.EfficientCapsNet is not available"):
