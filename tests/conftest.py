@@ -35,3 +35,17 @@ def _seed_and_device():
     yield
     if DEVICE != "cpu":
         torch.set_default_device(None)
+
+
+@pytest.fixture
+def cpu_default_device():
+    """Script tests build their data on the CPU, as the scripts do, even in the CUDA suite."""
+    torch.set_default_device(None)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """examples/train_multimnist.py end to end on tiny settings: the paper's test protocol, what stopped the
 run, validation pairs from held-out digits, the checkpoint scored again by examples/evaluate.py (on the
 PyTorch backend: the suite runs Triton under its slow interpreter)."""
-import importlib.util
 
 import pytest
 import torch
@@ -10,28 +9,15 @@ import capstriton as ct
 import capstriton.data  # noqa: F401  (ct.data)
 from capstriton.training import load_checkpoint
 from tests.examples.flag_help import assert_every_flag_documented
-from tests.helpers import REPO
+from tests.helpers import load_example
 
 
 @pytest.fixture(autouse=True)
-def _cpu_default_device():
-    """These tests build their data on the CPU, as the scripts do, even in the CUDA suite."""
-    torch.set_default_device(None)
+def _script_settings(cpu_default_device, one_thread):
+    """Data built on the CPU, one torch thread."""
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_script = load_example
 
 
 def test_every_flag_has_help_with_its_default():
