@@ -1,6 +1,9 @@
 """The routing registry: transform_route and DigitCaps find algorithms by name; an algorithm
 registered later (options, extra inputs and outputs, layer parameters) works in both; bad
 registrations are refused at once."""
+import math
+import sys
+
 import pytest
 import torch
 
@@ -8,6 +11,7 @@ import capstriton as ct
 from capstriton.reference import caps_transform_ref, squash_ref
 from capstriton.routing import registry
 from capstriton.routing.registry import LayerParameter, Routed, Routing
+from tests.helpers import REPO
 
 
 def test_the_three_algorithms_are_registered():
@@ -118,3 +122,18 @@ def test_routing_argument_of_the_wrong_type_is_named(toy_routing):
         ct.transform_route(u, W, routing=["dynamic"])
     with pytest.raises(TypeError, match="routing must be a str"):
         ct.DigitCaps(3, 4, 2, 5, routing=["dynamic"])
+
+
+def test_a_registered_algorithm_is_in_the_benchmark(toy_routing):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_digitcaps
+
+    assert "toy-mean" in bench_digitcaps.parse_args([]).routings
+    shape = dict(B=2, I=3, Din=4, J=2, Dout=5)
+    u, W, *params = bench_digitcaps.make_inputs(shape, "toy-mean", torch.device("cpu"), torch.float64)
+    providers = bench_digitcaps.build_providers(["fused", "unfused", "eager"], 1, None, "toy-mean")
+    assert set(providers) == {"fused", "eager"}  # no materialized-u_hat form to compare against
+    v, lengths = providers["eager"](u, W, *params)
+    gain, activations = params
+    torch.testing.assert_close(v, _route(u, W, "torch", gain, 1.0, activations).v)
+    assert all(math.isnan(x) for x in bench_digitcaps.digitcaps_cost(shape, "full", 1, 8, "toy-mean"))
