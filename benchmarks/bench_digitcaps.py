@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -234,8 +235,6 @@ def make_inputs(shape: dict, routing: str, device, dtype) -> tuple:
 
 def _routing_kwargs(routing: str, r: int, params: tuple) -> dict:
     """transform_route's keyword arguments for one routing and its parameter tensors."""
-    from capstriton.routing import get_routing
-
     if routing == "dynamic":
         return dict(iterations=r)
     if routing == "self-attention":
@@ -244,12 +243,22 @@ def _routing_kwargs(routing: str, r: int, params: tuple) -> dict:
     if routing == "inverted-attention":
         weight, bias = params
         return dict(routing=routing, iterations=r, weight=weight, bias=bias)
-    algorithm = get_routing(routing)
-    names = [p.option for p in algorithm.parameters(1, 1, 1).values()] + list(algorithm.inputs)
+    names, takes_iterations = _keywords(routing)
     kwargs = dict(zip(names, params), routing=routing)
-    if "iterations" in algorithm.options:
+    if takes_iterations:
         kwargs["iterations"] = r
     return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(routing: str) -> tuple[tuple[str, ...], bool]:
+    """A registered routing's tensor keywords, in make_inputs' order (layer parameters, then extra
+    inputs), and whether it takes iterations: worked out once, not in every timed call."""
+    from capstriton.routing import get_routing
+
+    algorithm = get_routing(routing)
+    names = tuple(p.option for p in algorithm.parameters(1, 1, 1).values()) + tuple(algorithm.inputs)
+    return names, "iterations" in algorithm.options
 
 
 def routing_iterations(routing: str, args) -> int:
