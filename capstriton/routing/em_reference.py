@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lambda_schedule", "cost_scale", "em_routing_ref", "matrix_transform_ref", "class_caps_votes_ref",
-           "conv_caps_votes_ref", "conv_connectivity", "conv_em_routing_ref", "conv_em_routing_dense_ref"]
+           "conv_caps_votes_ref", "conv_connectivity", "conv_em_routing_ref", "conv_caps_route_ref",
+           "conv_em_routing_dense_ref"]
 
 COST_NORMALIZATIONS = ("none", "ibm")
 
@@ -41,30 +42,43 @@ def cost_scale(cost_normalization: str, parent_types: int, children_per_parent: 
     raise ValueError(f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}")
 
 
-def _m_step(r: torch.Tensor, votes: torch.Tensor, child_dims: tuple[int, ...], beta_u, beta_a, lam: float,
-            scale: float, eps: float, min_var: float):
-    """(E3-E7): r (..children.., J) and votes (..children.., J, H) summed over ``child_dims``
-    -> mu, var (..., J, H), logit (..., J), with the mean subtracted before squaring."""
-    m = r.sum(child_dims)
-    mu = (r.unsqueeze(-1) * votes).sum(child_dims) / (m + eps).unsqueeze(-1)
-    centred = votes - _expand_to(mu, votes, child_dims)
-    var = (r.unsqueeze(-1) * centred.square()).sum(child_dims) / (m + eps).unsqueeze(-1) + min_var
+def _m_step(r: torch.Tensor, votes: torch.Tensor, squares: torch.Tensor, beta_u, beta_a, lam: float, scale: float,
+            eps: float, min_var: float):
+    """(E3-E7) on parent-major tensors: r (..., N) and votes, squares = votes^2 (..., N, H) hold
+    each parent's N children -> mu, var (..., H), logit (...).  The sums over the children are
+    matrix products (no votes-sized temporaries); sum r (V - mu)^2 is formed as
+    sum r V^2 - 2 mu sum r V + mu^2 m."""
+    m = r.sum(-1)
+    denom = (m + eps).unsqueeze(-1)
+    row = r.unsqueeze(-2)
+    sum1 = (row @ votes).squeeze(-2)
+    mu = sum1 / denom
+    spread = (row @ squares).squeeze(-2) - 2 * mu * sum1 + mu.square() * m.unsqueeze(-1)
+    var = spread.clamp(min=0) / denom + min_var
     cost = (beta_u.unsqueeze(-1) + 0.5 * torch.log(var)).sum(-1) * scale * m
     return mu, var, lam * (beta_a - cost)
 
 
-def _expand_to(parent: torch.Tensor, votes: torch.Tensor, child_dims: tuple[int, ...]) -> torch.Tensor:
-    """A per-parent tensor with singleton axes at the children's positions of ``votes``."""
-    for d in sorted(d % votes.dim() for d in child_dims):
-        parent = parent.unsqueeze(d)
-    return parent
+def _log_q(votes: torch.Tensor, squares: torch.Tensor, mu, var, logit) -> torch.Tensor:
+    """(E9-E10) on parent-major tensors: ln a + ln p (..., N), the 1/2 ln 2pi terms included;
+    sum_h (V - mu)^2 / (2 var) expanded into matrix products with V^2 and V."""
+    inv = 0.5 / var
+    quad = (squares @ inv.unsqueeze(-1)).squeeze(-1) - (votes @ (2 * mu * inv).unsqueeze(-1)).squeeze(-1)
+    const = (mu.square() * inv + 0.5 * torch.log(var)).sum(-1) + 0.5 * votes.shape[-1] * math.log(2 * math.pi)
+    return F.logsigmoid(logit).unsqueeze(-1) - quad - const.unsqueeze(-1)
 
 
-def _log_q(votes, mu, var, logit, child_dims):
-    """(E9-E10): ln a_j + ln p_ij (the 1/2 ln 2pi terms included)."""
-    mu, var = _expand_to(mu, votes, child_dims), _expand_to(var, votes, child_dims)
-    log_p = -((votes - mu).square() / (2 * var) + 0.5 * torch.log(var) + 0.5 * math.log(2 * math.pi)).sum(-1)
-    return F.logsigmoid(_expand_to(logit, log_p, child_dims)) + log_p
+def _em(votes: torch.Tensor, a_in: torch.Tensor, R: torch.Tensor, normalise, beta_u, beta_a, lams: list[float],
+        scale: float, eps: float, min_var: float):
+    """The iterations on parent-major tensors: votes (..., P, N, H) (P parent types last before
+    the children), a_in and the initial R (..., P, N) -> (mu, logit, R of the last M-step);
+    ``normalise(ln q)`` is the E-step's softmax over the parents each child feeds."""
+    squares = votes.square()
+    for t, lam in enumerate(lams):
+        mu, var, logit = _m_step(R * a_in, votes, squares, beta_u, beta_a, lam, scale, eps, min_var)
+        if t < len(lams) - 1:
+            R = normalise(_log_q(votes, squares, mu, var, logit))
+    return mu, logit, R
 
 
 def em_routing_ref(votes: torch.Tensor, activations: torch.Tensor, beta_u: torch.Tensor, beta_a: torch.Tensor,
@@ -80,18 +94,18 @@ def em_routing_ref(votes: torch.Tensor, activations: torch.Tensor, beta_u: torch
     B, I, J, H = votes.shape
     lams = lambda_schedule(iterations, inverse_temperature)
     fed = torch.ones(I, J, dtype=torch.bool, device=votes.device) if mask is None else mask.to(votes.device)
-    per_parent = fed.sum(0)
-    scale = cost_scale(cost_normalization, J, int(per_parent.max()))
+    scale = cost_scale(cost_normalization, J, int(fed.sum(0).max()))
     counts = fed.sum(1, keepdim=True).clamp(min=1).to(votes.dtype)
-    R = (fed.to(votes.dtype) / counts).expand(B, I, J)
-    for t in range(iterations):
-        mu, var, logit = _m_step(R * activations.unsqueeze(-1), votes, (1,), beta_u, beta_a, lams[t], scale, eps,
-                                 min_var)
-        if t < iterations - 1:
-            log_q = _log_q(votes, mu, var, logit, (1,)).masked_fill(~fed, float("-inf"))
-            R = torch.softmax(log_q, dim=-1).masked_fill(~fed, 0.0)  # rows with no parent: NaN -> 0
+    unfed = ~fed.t()  # (J, I)
+
+    def normalise(log_q):  # (B, J, I): softmax over the parents j; a child feeding none gets 0
+        return torch.softmax(log_q.masked_fill(unfed, float("-inf")), dim=-2).masked_fill(unfed, 0.0)
+
+    R0 = (fed.to(votes.dtype) / counts).t().expand(B, J, I)
+    mu, logit, R = _em(votes.transpose(1, 2).contiguous(), activations.unsqueeze(1), R0, normalise, beta_u, beta_a,
+                       lams, scale, eps, min_var)
     outputs = (mu, torch.sigmoid(logit))
-    return (*outputs, R.expand(B, I, J)) if return_assignments else outputs
+    return (*outputs, R.transpose(1, 2)) if return_assignments else outputs
 
 
 def matrix_transform_ref(pose: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -158,25 +172,52 @@ def conv_em_routing_ref(votes: torch.Tensor, activations: torch.Tensor, beta_u: 
     Each child is normalised over ALL the parents it feeds, across positions and types (C5): the
     per-child normaliser is a fold (index_add) of the parents' terms onto the child grid.
     Children that no window covers get R = 0."""
-    B, OH, OW, K, _, A, C, _ = votes.shape
+    B, OH, OW, K, _, A, C, H = votes.shape
+    parent_major = votes.permute(0, 1, 2, 6, 3, 4, 5, 7).reshape(B, OH, OW, C, K * K * A, H)
+    return _conv_em(parent_major, activations, beta_u, beta_a, stride, K, iterations, inverse_temperature, eps,
+                    min_var, cost_normalization, return_assignments)
+
+
+def conv_caps_route_ref(pose: torch.Tensor, activations: torch.Tensor, W: torch.Tensor, beta_u: torch.Tensor,
+                        beta_a: torch.Tensor, stride: int, iterations: int = 3, inverse_temperature=0.01,
+                        eps: float = 1e-8, min_var: float = 5e-4, cost_normalization: str = "none",
+                        return_assignments: bool = False):
+    """``conv_em_routing_ref(conv_caps_votes_ref(pose, W, stride), ...)`` with the votes formed
+    directly in the parent-major layout the iterations use (one votes-sized tensor, no copy)."""
+    K = W.shape[0]
+    B, A = pose.shape[0], pose.shape[3]
+    patches = _windows(pose, K, stride)  # (B, OH, OW, K, K, A, 4, 4)
+    votes = torch.einsum("bxyijark,ijacks->bxycijars", patches, W)
+    OH, OW, C = votes.shape[1], votes.shape[2], votes.shape[3]
+    return _conv_em(votes.reshape(B, OH, OW, C, K * K * A, 16), activations, beta_u, beta_a, stride, K, iterations,
+                    inverse_temperature, eps, min_var, cost_normalization, return_assignments)
+
+
+def _conv_em(votes: torch.Tensor, activations: torch.Tensor, beta_u, beta_a, stride: int, K: int, iterations: int,
+             inverse_temperature, eps: float, min_var: float, cost_normalization: str, return_assignments: bool):
+    """Convolutional EM routing on parent-major votes (B, OH, OW, C, K*K*A, H)."""
+    B, OH, OW, C, N, _ = votes.shape
+    A = N // (K * K)
     Hc, Wc = activations.shape[1], activations.shape[2]
     lams = lambda_schedule(iterations, inverse_temperature)
-    scale = cost_scale(cost_normalization, C, K * K * A)
+    scale = cost_scale(cost_normalization, C, N)
     index, feeds = conv_connectivity(Hc, Wc, K, stride)
-    index, feeds = index.to(votes.device), feeds.to(votes.device)
-    flat_index = index.flatten()  # (OH*OW*K*K,) child positions of every (parent position, offset)
-    a_in = activations.reshape(B, Hc * Wc, A)[:, flat_index].view(B, OH, OW, K, K, A)
+    flat_index = index.to(votes.device).flatten()  # child positions of every (parent position, offset)
+    a_in = activations.reshape(B, Hc * Wc, A)[:, flat_index].reshape(B, OH, OW, 1, N)
     # t = 0: uniform over the parents fed, 1 / (P_h P_w C)
-    R = (1.0 / (feeds.flatten()[flat_index].to(votes.dtype) * C)).view(1, OH, OW, K, K, 1, 1).expand(
-        B, OH, OW, K, K, A, C)
-    for t in range(iterations):
-        r = R * a_in.unsqueeze(-1)
-        mu, var, logit = _m_step(r, votes, (3, 4, 5), beta_u, beta_a, lams[t], scale, eps, min_var)
-        if t < iterations - 1:
-            log_q = _log_q(votes, mu, var, logit, (3, 4, 5))  # (B, OH, OW, K, K, A, C)
-            R = _softmax_over_parents_fed(log_q, flat_index, Hc * Wc)
+    R0 = (1.0 / (feeds.to(votes.device).flatten()[flat_index].to(votes.dtype) * C)).view(OH, OW, 1, K * K, 1)
+    R0 = R0.expand(OH, OW, 1, K * K, A).reshape(1, OH, OW, 1, N).expand(B, OH, OW, C, N)
+
+    def normalise(log_q):  # (B, OH, OW, C, N) -> softmax over every parent each child feeds (C5)
+        pairs = log_q.view(B, OH, OW, C, K, K, A).permute(0, 1, 2, 4, 5, 6, 3)
+        return _softmax_over_parents_fed(pairs, flat_index, Hc * Wc).permute(0, 1, 2, 6, 3, 4, 5).reshape(
+            B, OH, OW, C, N)
+
+    mu, logit, R = _em(votes, a_in, R0, normalise, beta_u, beta_a, lams, scale, eps, min_var)
     outputs = (mu, torch.sigmoid(logit))
-    return (*outputs, R) if return_assignments else outputs
+    if not return_assignments:
+        return outputs
+    return (*outputs, R.reshape(B, OH, OW, C, K, K, A).permute(0, 1, 2, 4, 5, 6, 3))
 
 
 def _softmax_over_parents_fed(log_q: torch.Tensor, flat_index: torch.Tensor, n_positions: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from capstriton.kernels.routing.em_statistics import e_step_backward, finish_m_step, m_step_backward
 from capstriton.routing.em_reference import (
     class_caps_votes_ref,
+    conv_caps_route_ref,
     conv_caps_votes_ref,
     conv_em_routing_dense_ref,
     conv_em_routing_ref,
@@ -124,6 +125,9 @@ def test_conv_gather_reference_is_the_dense_one(K, stride, H, W, normalization):
     got = conv_em_routing_ref(votes, acts, bu, ba, stride, **kw)
     want = conv_em_routing_dense_ref(votes, acts, bu, ba, stride, **kw)
     for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    fused = conv_caps_route_ref(pose, acts, Wk, bu, ba, stride, **kw)
+    for x, y in zip(fused, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     # every covered child's assignments sum to 1 over the parents it feeds
     R = got[2]
