@@ -8,7 +8,9 @@
 * ``affnist``: the real affNIST test files (MATLAB), read and checked;
 * ``multimnist``: overlapping digit pairs (streamed for training; the paper's test protocol in
   seeded chunks);
-* ``augment``: the random affine jitter of the Efficient-CapsNet recipe.
+* ``augment``: the random affine jitter of the Efficient-CapsNet recipe;
+* ``smallnorb``: the official smallNORB files (user-supplied), read and checked, and the EM-routing
+  paper's preprocessing (48x48, per-image standardisation, 32x32 crops).
 """
 from .affine import (
     AFFINE_SEED,
@@ -55,6 +57,21 @@ from .provision import (
     prepare_mnist,
     raw_dir,
 )
+from .smallnorb import (
+    SMALLNORB_BRIGHTNESS,
+    SMALLNORB_CLASSES,
+    SMALLNORB_CONTRAST,
+    SMALLNORB_CROP,
+    SMALLNORB_FILES,
+    SMALLNORB_PAIRS,
+    SMALLNORB_URL,
+    SmallNORB,
+    read_norb_matrix,
+    read_smallnorb,
+    smallnorb_dir,
+    smallnorb_files,
+    smallnorb_tensors,
+)
 
 __all__ = [
     "as_model_input",
@@ -70,4 +87,7 @@ __all__ = [
     "multimnist_test_set", "held_out_split", "expected_box_overlap", "box_overlap", "overlay",
     "DATASETS", "FASHION_MNIST_FILES", "MNIST_FILES", "DataIntegrityError", "DataUnavailableError", "check_dataset",
     "default_data_dir", "prepare_mnist", "raw_dir",
+    "SMALLNORB_BRIGHTNESS", "SMALLNORB_CLASSES", "SMALLNORB_CONTRAST", "SMALLNORB_CROP", "SMALLNORB_FILES",
+    "SMALLNORB_PAIRS", "SMALLNORB_URL", "SmallNORB", "read_norb_matrix", "read_smallnorb", "smallnorb_dir",
+    "smallnorb_files", "smallnorb_tensors",
 ]
