@@ -110,12 +110,17 @@ PROVIDERS = ("fused", "unfused", "eager", "compiled")
 ROUTINGS = ("dynamic", "self-attention", "inverted-attention")  # the routings with a work model (FLOPs, bytes)
 
 
+# routings with a benchmark of their own at their papers' shapes (``--routings em`` still runs EM on
+# vector poses here, without a work model)
+OWN_BENCHMARK = {"em": "benchmarks/bench_em.py"}
+
+
 def registered_routings() -> tuple[str, ...]:
-    """Every routing in capstriton's registry: each gets rows (one without a work model has no
-    FLOP or byte columns, and no 'unfused' provider)."""
+    """Every routing in capstriton's registry but those of OWN_BENCHMARK: each gets rows (one
+    without a work model has no FLOP or byte columns, and no 'unfused' provider)."""
     from capstriton.routing import routing_names
 
-    return routing_names()
+    return tuple(r for r in routing_names() if r not in OWN_BENCHMARK)
 
 
 def parse_args(argv=None):
@@ -285,7 +290,11 @@ def reference(routing: str, r: int):
         return lambda u, W, bias: self_attention_routing_ref(caps_transform_ref(u, W), bias)
     if routing == "inverted-attention":
         return lambda u, W, weight, bias: inverted_attention_routing_ref(caps_transform_ref(u, W), r, weight, bias)
-    return lambda u, W, *params: ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params))
+
+    def other(u, W, *params):  # through v, its first output
+        out = ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params))
+        return out[0] if isinstance(out, tuple) else out
+    return other
 
 
 def build_providers(names, r: int, compile_backend: str | None, routing: str = "dynamic"):
@@ -312,11 +321,16 @@ def build_providers(names, r: int, compile_backend: str | None, routing: str = "
     }.get(routing)
     # W in the public (I, J, Dout, Din) layout: the triton paths copy it into their kernel layout
     # (I, Din, J, Dout) once per call (DigitCaps keeps its weight in that layout instead).
+    def route(backend):  # a routing with extra outputs (EM: activations) is timed through v, its first
+        def call(u, W, *params):
+            out = ct.transform_route(u, W, backend=backend, **_routing_kwargs(routing, r, params))
+            return out[0] if isinstance(out, tuple) else out
+        return call
+
     table = {
-        "fused": lambda u, W, *params: ct.transform_route(u, W, backend="triton",
-                                                          **_routing_kwargs(routing, r, params)),
+        "fused": route("triton"),
         "unfused": lambda u, W, *params: route_predictions(ct.caps_transform(u, W, backend="triton"), *params),
-        "eager": lambda u, W, *params: ct.transform_route(u, W, backend="torch", **_routing_kwargs(routing, r, params)),
+        "eager": route("torch"),
         "compiled": lambda u, W, *params: compiled(u, W, *params),
     }
     return {n: table[n] for n in names if n != "unfused" or route_predictions is not None}

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_verify.sh --quick      # fits 8 minutes on an H100: the device tool's run
 #   bash benchmarks/gpu_verify.sh              # full: every step at full size, no overall budget
 #   bash benchmarks/gpu_verify.sh --quick --dry-run    # print the plan, run nothing
-#   options: --results DIR (default docs/gpu/<card>-<date>), --budget SECONDS (quick: 450)
+#   options: --results DIR (default docs/gpu/<card>-<date>), --budget SECONDS (quick: 510)
 #
 # The steps run in the order of PLAN below: what the GPU run measures first comes first
 # (correctness, then the DigitCaps benchmark, then training speed, then the rest).  Every step is
@@ -84,7 +84,7 @@ PLAN=(
 "bench-full|120|1800|$PY benchmarks/bench_digitcaps.py --batch-sizes 128 --warmup-ms 10 --rep-ms 40 --out @R/bench-full|$PY benchmarks/bench_digitcaps.py --out @R/bench-full"
 "compile-check|60|900|$PY -m capstriton.kernels.compile_check --json @R/compile_check.json --summary|$PY -m capstriton.kernels.compile_check --json @R/compile_check.json"
 )
-if [ "$MODE" = quick ]; then BUDGET=${BUDGET:-450}; fi
+if [ "$MODE" = quick ]; then BUDGET=${BUDGET:-510}; fi
 
 # -------------------------------------------------------------------------------- where results go
 if command -v nvidia-smi >/dev/null 2>&1; then

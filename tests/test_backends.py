@@ -99,14 +99,37 @@ OPS = {
     **{f"DigitCaps[{routing}]": (
         lambda be, routing=routing: _layer(ct.DigitCaps, I, DIN, J, D, routing=routing, backend=be)(
             *_inputs((B, I, DIN))), [module], "") for routing, module in ROUTING.items()},
+    # EM routing: activations in [0, 1] beside the poses
+    "DigitCaps[em]": (lambda be: _layer(ct.DigitCaps, I, DIN, J, D, routing="em", backend=be)(
+        *_inputs((B, I, DIN)), activations=_activations(B, I)), ["routing.em"], "em_grad"),
+    "transform_route[em]": (lambda be: ct.transform_route(
+        *_inputs((B, I, 4, 4), (I, J, 4, 4)), routing="em", activations=_activations(B, I),
+        beta_u=_inputs((J,))[0], beta_a=_inputs((J,))[0], backend=be), ["routing.em"], "em_grad"),
+    "em_routing": (lambda be: ct.em_routing(*_inputs((B, I, J, 16)), _activations(B, I), *_inputs((J,), (J,)),
+                                            backend=be), ["routing.em"], ""),
+    "class_caps_route": (lambda be: ct.class_caps_route(
+        *_inputs((B, 2, 2, 3, 4, 4)), _activations(B, 2, 2, 3), *_inputs((3, J, 4, 4), (J,), (J,)), backend=be),
+        ["routing.em"], "em_grad"),
+    "conv_em_routing": (lambda be: ct.conv_em_routing(
+        *_inputs((B, 2, 2, 2, 2, 3, J, 16)), _activations(B, 3, 3, 3), *_inputs((J,), (J,)), stride=1, backend=be),
+        ["routing.em_conv"], ""),
+    "conv_caps_route": (lambda be: ct.conv_caps_route(
+        *_inputs((B, 3, 3, 3, 4, 4)), _activations(B, 3, 3, 3), *_inputs((2, 2, 3, J, 4, 4), (J,), (J,)), stride=1,
+        backend=be), ["routing.em_conv"], ""),
 }
+
+
+def _activations(*shape):
+    torch.manual_seed(1)
+    return torch.rand(*shape).requires_grad_()
 
 
 def test_every_public_op_and_routing_is_listed():
     listed = {name.split("[")[0] for name in OPS}
     assert {"squash", "caps_transform", "dynamic_routing", "self_attention_routing", "inverted_attention_routing",
             "transform_self_attention_routing", "transform_inverted_attention_routing", "transform_route",
-            "PrimaryCaps", "DigitCaps"} <= listed
+            "PrimaryCaps", "DigitCaps", "em_routing", "class_caps_route", "conv_em_routing",
+            "conv_caps_route"} <= listed
     assert {f"DigitCaps[{r}]" for r in ct.routing_names()} <= set(OPS)
 
 

@@ -361,7 +361,7 @@ def test_host_overhead_cli(tmp_path):
 
 # --- benchmarks/gpu_verify.sh: the plan, the time boxes and the summary, without a GPU
 GPU_VERIFY = REPO / "benchmarks" / "gpu_verify.sh"
-ORDER = ["setup", "tests", "bench-paper", "host-overhead", "train-epoch", "bench-attention", "tune", "bench-full",
+ORDER = ["setup", "tests", "bench-paper", "bench-em", "host-overhead", "train-epoch", "bench-attention", "tune", "bench-full",
          "compile-check"]
 
 
@@ -376,7 +376,7 @@ def test_gpu_verify_syntax_and_plan():
         assert "CAPSTRITON_TEST_DEVICE=cuda" in proc.stdout and "--batch-sizes 32 128 512" in proc.stdout
         assert "--data-dir data/gpu-bundle" in proc.stdout and "R/bench-paper" in proc.stdout
     quick = subprocess.run(["bash", str(GPU_VERIFY), "--quick", "--dry-run"], capture_output=True, text=True).stdout
-    assert "overall budget: 450 s" in quick and "-m 'not slow'" in quick
+    assert "overall budget: 510 s" in quick and "-m 'not slow'" in quick
 
 
 def test_gpu_verify_time_boxes_and_summary(tmp_path):

@@ -79,7 +79,7 @@ def test_digitcaps_routing_arguments():
     with pytest.raises(ValueError, match=r"routing='self-attention' takes \['bias'\], got \['iterations'\]"):
         ct.DigitCaps(6, 4, 3, 5, iterations=3, routing="self-attention")
     with pytest.raises(ValueError, match="routing must be one of"):
-        ct.DigitCaps(6, 4, 3, 5, routing="em")
+        ct.DigitCaps(6, 4, 3, 5, routing="no-such-routing")
 
 
 # --- the default initialization scales with the layer (issue 19, point 1)

@@ -56,16 +56,14 @@ def m_step_backward(mu: torch.Tensor, var: torch.Tensor, m: torch.Tensor, g_mu: 
     g_beta_a = lam * g_logit
     g_beta_u = g_cost * scale * m * H
     g_var = g_var + (g_cost * scale * m).unsqueeze(-1) * 0.5 / var
-    g_m = g_cost * scale * (beta_u.unsqueeze(-1) + 0.5 * log_var).sum(-1)
     spread = (var - min_var) * denom.unsqueeze(-1)  # Q = sum r (V - mu)^2
-    g_spread = g_var / denom.unsqueeze(-1)  # gamma
-    g_m = g_m - (g_var * spread).sum(-1) / denom.square()
+    g_spread = g_var / denom.unsqueeze(-1)  # gamma = dL/dQ
     # Q = S2 - 2 mu S1 + mu^2 m with S1 = mu (m + eps):  dQ/dmu = -2 eps mu
     g_mu_total = g_mu - 2 * eps * mu * g_spread
     beta = g_mu_total / denom.unsqueeze(-1)  # = dL/dS1 + 2 mu dL/dS2
-    g_m = g_m - (g_mu_total * mu).sum(-1) / denom + (g_spread * mu.square()).sum(-1)
-    # dL/dr = g_m + sum_h (gS1 V + gS2 V^2) with gS1 = beta - 2 mu gamma, gS2 = gamma, in Vc = V - mu
-    alpha = g_m + ((beta - 2 * mu * g_spread) * mu + g_spread * mu.square()).sum(-1)
+    # dL/dr = dL/dm + sum_h (dL/dS1 V + dL/dS2 V^2); written about Vc = V - mu the mu terms cancel
+    # exactly, leaving alpha = the cost's and the variance's dependence on m alone
+    alpha = g_cost * scale * (beta_u.unsqueeze(-1) + 0.5 * log_var).sum(-1) - (g_var * spread).sum(-1) / denom.square()
     return alpha, beta, g_spread, g_beta_u, g_beta_a
 
 

@@ -75,4 +75,4 @@ def test_arguments_foreign_to_the_algorithm_are_rejected():
     with pytest.raises(ValueError, match=r"got \['bias'\]"):
         ct.transform_route(u, W, bias=torch.zeros(7, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="routing must be one of"):
-        ct.transform_route(u, W, routing="em")
+        ct.transform_route(u, W, routing="no-such-routing")
