@@ -47,3 +47,20 @@ def check_transform_shapes(u: torch.Tensor, W: torch.Tensor) -> None:
             "u (B, I, Din) and W (I, J, Dout, Din) disagree: expected u.shape[1] == W.shape[0] and "
             f"u.shape[2] == W.shape[3], got u {tuple(u.shape)} and W {tuple(W.shape)}"
         )
+
+
+def check_unit_interval(name: str, t: torch.Tensor) -> None:
+    """Values in [0, 1] (EM routing's activations), without a host synchronisation: a CPU tensor
+    raises ValueError at once; on a GPU a failed check is a device-side assertion (as PyTorch's
+    own range checks, e.g. binary_cross_entropy's), raised at the next synchronisation.  Skipped
+    while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    values = t.detach()
+    if values.device.type == "cpu":
+        lo, hi = torch.aminmax(values)
+        if not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{name} must lie in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]")
+        return
+    inside = ((values >= 0) & (values <= 1)).all()
+    torch._assert_async(inside, f"{name} must lie in [0, 1]")

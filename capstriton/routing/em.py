@@ -9,9 +9,9 @@ forward and backward (never materialized), and the assignments R are never store
 ``backend="torch"`` runs the plain-PyTorch reference (``capstriton.routing.em_reference``, float64
 included).
 
-Activations must lie in [0, 1].  The range is checked on the host, which costs one device
-synchronisation per call on a GPU; under ``torch.compile`` (where a data-dependent check would break
-the graph) it is skipped.
+Activations must lie in [0, 1]: a CPU tensor outside raises ValueError; on a GPU the check is a
+device-side assertion, with no host synchronisation (``_validation.check_unit_interval``); under
+``torch.compile`` it is skipped.
 """
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ from typing import Optional
 import torch
 
 from .._backend import resolve_backend
-from .._validation import check_iterations, check_same_device_dtype, check_tensor, check_transform_shapes
+from .._validation import (
+    check_iterations,
+    check_same_device_dtype,
+    check_tensor,
+    check_transform_shapes,
+    check_unit_interval,
+)
 from ..kernels.routing import em as K
 from ..reference import caps_transform_ref
 from .common import absent, kernel_layout_weight
@@ -193,10 +199,7 @@ def _check_activations(activations, shape: tuple, hint: str, like: torch.Tensor)
     if tuple(activations.shape) != tuple(shape):
         raise ValueError(f"activations must have shape {hint.strip()} = {tuple(shape)}, got {tuple(activations.shape)}")
     check_same_device_dtype(input=like, activations=activations)
-    if not torch.compiler.is_compiling():  # one host synchronisation (module docstring)
-        lo, hi = torch.aminmax(activations.detach())
-        if not (lo >= 0 and hi <= 1):
-            raise ValueError(f"activations must lie in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]")
+    check_unit_interval("activations", activations)
 
 
 def _check_betas(beta_u, beta_a, J: int, like: torch.Tensor) -> None:

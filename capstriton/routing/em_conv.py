@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
-from .._validation import check_iterations, check_same_device_dtype, check_tensor
+from .._validation import check_iterations, check_same_device_dtype, check_tensor, check_unit_interval
 from ..kernels.routing import em_conv as K
 from .em_reference import (
     COST_NORMALIZATIONS,
@@ -202,6 +202,7 @@ def _check_activations(activations, B: int, H: int, Wd: int, A: int, like: torch
         raise ValueError(f"activations must have shape (B, H, W, A) = ({B}, {H}, {Wd}, {A}), "
                          f"got {tuple(activations.shape)}")
     check_same_device_dtype(pose=like, activations=activations)
+    check_unit_interval("activations", activations)
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -228,6 +228,8 @@ def test_auto_backend_keeps_float64_on_torch():
     (dict(stride=0), ValueError, "stride"),
     (dict(stride=1.5), TypeError, "stride"),
     (dict(act=torch.rand(1, 4, 4, 3)), ValueError, "activations"),
+    (dict(act=torch.rand(1, 4, 4, 2) + 0.5), ValueError, r"activations must lie in \[0, 1\]"),
+    (dict(act=-torch.rand(1, 4, 4, 2)), ValueError, r"activations must lie in \[0, 1\]"),
     (dict(beta_u=torch.randn(4)), ValueError, "beta_u"),
     (dict(iterations=0), ValueError, "iterations"),
     (dict(cost_normalization="paper"), ValueError, "cost_normalization"),
