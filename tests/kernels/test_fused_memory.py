@@ -10,34 +10,15 @@ interpreter copies every argument, which would hide the launchers' own allocatio
 kernels compute is tested elsewhere)."""
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import capstriton as ct  # noqa: F401  (registers the ops)
 from capstriton.kernels import partials
 from capstriton.kernels._common import empty
 from capstriton.kernels.routing import dynamic, inverted_attention, self_attention, streaming
+from tests.helpers.memory import peak_scratch_bytes as _peak_scratch_bytes
 
 J, D, DIN, R = 4, 8, 4, 3
 FLOAT = 4  # bytes
-
-
-def _peak_scratch_bytes(fn):
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.nbytes() != 0)
-    open_allocs, intervals = {}, []
-    for index, (_, nbytes) in enumerate(events):
-        if nbytes > 0:
-            open_allocs.setdefault(nbytes, []).append(index)
-        elif open_allocs.get(-nbytes):
-            intervals.append((open_allocs[-nbytes].pop(), index, -nbytes))
-    live, peak = [0] * (len(events) + 1), 0
-    for start, stop, nbytes in intervals:  # scratch: allocated and freed inside the call
-        for k in range(start, stop):
-            live[k] += nbytes
-    peak = max(live)
-    return peak, out
 
 
 @pytest.fixture(autouse=True)

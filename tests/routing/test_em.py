@@ -12,10 +12,8 @@ import torch.nn.functional as F
 import triton.runtime.autotuner
 import triton.runtime.interpreter
 import triton.runtime.jit
-from torch.profiler import ProfilerActivity, profile
 
 import capstriton as ct
-from capstriton.kernels import partials
 from capstriton.reference import caps_transform_ref
 from capstriton.routing import em as em_module
 from capstriton.routing.em_reference import (
@@ -173,49 +171,6 @@ def test_grids_of_a_larger_gpu(monkeypatch):
              lambda p, a, W, bu, ba: em_routing_ref(class_caps_votes_ref(p, W), a.reshape(B, -1), bu, ba, 2,
                                                     min_var=0.01),
              (pose, a, W, bu, ba), torch.float32, "class 8 SMs")
-
-
-def _peak_scratch_bytes(fn):
-    """Peak of the allocations made and freed inside fn (tests/kernels/test_fused_memory.py's method)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.nbytes() != 0)
-    open_allocs, intervals = {}, []
-    for index, (_, nbytes) in enumerate(events):
-        if nbytes > 0:
-            open_allocs.setdefault(nbytes, []).append(index)
-        elif open_allocs.get(-nbytes):
-            intervals.append((open_allocs[-nbytes].pop(), index, -nbytes))
-    live = [0] * (len(events) + 1)
-    for start, stop, nbytes in intervals:
-        for k in range(start, stop):
-            live[k] += nbytes
-    return max(live), out
-
-
-@pytest.mark.parametrize("sms", ["132", "8"])
-@pytest.mark.parametrize("B,I,A", [(2, 512, 32), (64, 512, 32), (33, 48, 48)])
-def test_scratch_is_bounded_and_votes_never_exist(B, I, A, sms, monkeypatch):
-    """Class capsules (W shared by I / A positions): the scratch of the forward and backward ops is at most
-    max(B*I*J*16/4, I*J*16*4) floats plus the per-parent statistics (a few (T, B, J, 16) tensors),
-    far below the votes (B*I*J*16).  Kernel launches are stubbed (the interpreter copies arguments)."""
-    monkeypatch.setenv("CAPSTRITON_SM_COUNT", sms)
-    for kernel in (em_module.K.em_pass_kernel, em_module.K.em_grad_kernel, partials.sum_partials_kernel):
-        monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: None)
-    J, T = 10, 3
-    pose, W = torch.rand(B, I, 16), torch.rand(A, J, 16)
-    a, beta = torch.rand(B, I), torch.zeros(J)
-    lams = lambda_schedule(T, 0.01)
-    args = (lams, 1.0, 1e-8, 5e-4, True, True, 1, I // A)
-    peak, outs = _peak_scratch_bytes(lambda: em_module._op(pose, W, a, beta, beta, *args[:5], True, 1, I // A))
-    stats = 4 * 8 * T * B * J * 17  # the per-iteration statistics and their temporaries
-    bound = 4 * max(B * I * J * 16 // 4, I * J * 16 * 4) + stats
-    votes = 4 * B * I * J * 16
-    assert peak <= bound and peak < votes / 2, f"forward scratch {peak} B > bound {bound} B (votes: {votes} B)"
-    peak, _ = _peak_scratch_bytes(lambda: em_module._backward_op(
-        pose, W, a, beta, *args, *outs[2:], torch.rand(B, J, 16), torch.rand(B, J), True, True, True))
-    assert peak <= bound + 2 * stats, f"backward scratch {peak} B > bound {bound + 2 * stats} B (votes: {votes} B)"
 
 
 # ---------------------------------------------------------------------------------------------- assignments
