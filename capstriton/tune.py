@@ -13,6 +13,12 @@ in capstriton.kernels benchmarks its configs for those shapes.  ``--iterations``
 iterations of every algorithm that takes them (default: each algorithm's own default);
 ``--detach`` the detach settings of those that take it (the others run with detach false only).
 
+EM routing's matrix-capsule layers are tuned too (``--em-layers``, default: all of ``EM_LAYERS``;
+only when ``em`` is among ``--routings``), forward + backward through the public functions at
+the same batch sizes and dtypes: the class layer (``class_caps_route``: MNIST 3x3x32 -> 10,
+smallNORB 4x4x32 -> 5, coordinate addition) and the convolutional layers (``conv_caps_route``:
+ConvCaps1 14x14x32, K=3 s=2 -> 32 types; ConvCaps2 6x6x32, K=3 s=1 -> 32 types).
+
 Prints every config tried with its time (the Autotuner's ``configs_timings``; the winner is
 ``Autotuner.cache[key]``) and writes the winners to ``~/.cache/capstriton/autotune/<gpu name>.json``
 (merged with earlier runs), which the launchers load at first use (``capstriton.kernels.autotune_cache``).
@@ -47,6 +53,22 @@ from .version import __version__
 
 DETACH_SETTINGS = {"false": [False], "true": [True], "both": [False, True]}
 
+# EM routing's matrix-capsule layers: (kind, H, W, A, out types, K, stride); "class": class_caps_route
+# (W shared by the positions, coordinate addition), "conv": conv_caps_route
+EM_LAYERS = {
+    "class-mnist": ("class", 3, 3, 32, 10, None, None),
+    "class-smallnorb": ("class", 4, 4, 32, 5, None, None),
+    "convcaps1": ("conv", 14, 14, 32, 32, 3, 2),
+    "convcaps2": ("conv", 6, 6, 32, 32, 3, 1),
+}
+
+
+def em_layer_label(name: str) -> str:
+    kind, H, W, A, C, K, stride = EM_LAYERS[name]
+    if kind == "class":
+        return f"{name}: class_caps_route {H}x{W}x{A} -> {C} (coordinate addition)"
+    return f"{name}: conv_caps_route {H}x{W}x{A}, K={K} s={stride} -> {C} types"
+
 
 def _parse(argv):
     names = routing.routing_names()
@@ -65,6 +87,8 @@ def _parse(argv):
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused ops (u_hat materialized)")
     p.add_argument("--routings", nargs="+", default=list(names), choices=names,
                    help="routing algorithms to tune (default: every registered one)")
+    p.add_argument("--em-layers", nargs="*", default=list(EM_LAYERS), choices=list(EM_LAYERS),
+                   help="EM matrix-capsule layers to tune when em is among --routings (default: all; none: no names)")
     p.add_argument("--output", default=None, help="JSON path (default: ~/.cache/capstriton/autotune/<gpu>.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p.parse_args(argv)
@@ -88,11 +112,40 @@ def _plan(args, gpu: str, autotuners: dict[str, list], out: str) -> str:
         lines.append(f"  {name}: transform_route (fused){unfused}")
     if not args.no_unfused:
         lines.append("  caps_transform (unfused)")
+    layers = _em_layers(args)
+    if layers:
+        lines.append("EM layers (forward + backward each):")
+        lines += [f"  {em_layer_label(name)}" for name in layers]
     lines.append("autotuned kernels:")
     for name, tuners in sorted(autotuners.items()):
         lines.append(f"  {name}: {', '.join(str(len(at.configs)) for at in tuners)} configs")
     lines.append(f"output: {out}")
     return "\n".join(lines)
+
+
+def _em_layers(args) -> list[str]:
+    return list(args.em_layers) if "em" in args.routings else []
+
+
+def _run_em_layer(name: str, args, B: int, dtype: torch.dtype, device: str = "cuda") -> None:
+    """Forward + backward of one EM matrix-capsule layer through its public function (EM_LAYERS)."""
+    kind, H, W, A, C, K, stride = EM_LAYERS[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (A, C, 4, 4) if kind == "class" else (K, K, A, C, 4, 4)
+    pose = torch.randn(B, H, W, A, 4, 4, device=device, generator=g).to(dtype).requires_grad_()
+    act = torch.rand(B, H, W, A, device=device, generator=g).to(dtype).requires_grad_()
+    weights = (0.5 * torch.randn(*shape, device=device, generator=g)).to(dtype).requires_grad_()
+    beta_u = torch.zeros(C, device=device, dtype=dtype, requires_grad=True)
+    beta_a = torch.zeros(C, device=device, dtype=dtype, requires_grad=True)
+    options = {} if args.iterations is None else {"iterations": args.iterations}
+    if kind == "class":
+        poses, acts = routing.class_caps_route(pose, act, weights, beta_u, beta_a, True, backend="triton",
+                                               **options)[:2]
+    else:
+        poses, acts = routing.conv_caps_route(pose, act, weights, beta_u, beta_a, stride, backend="triton",
+                                              **options)[:2]
+    torch.autograd.grad([poses, acts], [pose, act, weights, beta_u, beta_a],
+                        [torch.randn_like(poses), torch.randn_like(acts)], allow_unused=True)
 
 
 def _options(algorithm: routing.Routing, args, detach: bool) -> dict:
@@ -145,6 +198,9 @@ def _run_ops(args, dtype_name: str, detach: bool) -> None:
             if detach and "detach" not in routing.get_routing(name).options:
                 continue  # an algorithm without detach runs once, with the detach-false settings
             _run_routing(name, args, u, W, leaf, detach)
+        if not detach:  # the EM layers take no detach setting: once per dtype
+            for name in _em_layers(args):
+                _run_em_layer(name, args, B, dtype)
         torch.cuda.synchronize()
         print(f"  tuned {dtype_name} detach={detach} batch {B}", flush=True)
 

@@ -66,7 +66,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._common import cdiv, empty, next_pow2, on_device, target_programs
+from .._common import (
+    autotune_cache_kwargs,
+    autotune_configs,
+    batch_bucket,
+    cdiv,
+    empty,
+    next_pow2,
+    on_device,
+    target_programs,
+)
+from ..autotune_cache import ensure_tuned_configs_loaded
 from ..partials import MAX_GROUPS, sum_partials
 from .compile_cases import F32, I32
 from .em_statistics import e_step_backward, finish_m_step, m_step_backward
@@ -82,8 +92,19 @@ from .tiles import (
     tile_offsets,
 )
 
-PASS_WARPS = 4       # warps of em_pass_kernel: one sample per lane group (BLOCK_B = lanes_per_sample * warps)
-GRAD_WARPS = 2       # warps of em_grad_kernel
+PASS_WARPS = 4       # warps of em_pass_kernel's default config: one sample per lane group
+GRAD_WARPS = 2       # warps of em_grad_kernel's default config
+
+# Autotune lists: the configs differ in num_warps only; the batch block follows from it (a heuristic:
+# BLOCK_B = samples per warp of the tile * num_warps), so one list fits every tile width.  The first
+# config is the hand-picked default (what runs before tuning, in the interpreter and under
+# CAPSTRITON_SINGLE_CONFIG=1).  Registers per thread do not change with the warps (the tile per
+# thread is the same); the compile check (COMPILE_CASES) covers every config at the MNIST and
+# smallNORB class-layer shapes.
+PASS_WARPS_LIST = (PASS_WARPS, 2)  # 8 warps: spills (fp16, J = 5, sm_90)
+GRAD_WARPS_LIST = (GRAD_WARPS, 4)  # 1 warp: spills (J = 5, sm_80)
+PASS_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in PASS_WARPS_LIST]
+GRAD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in GRAD_WARPS_LIST]
 
 
 def min_caps_per_chunk(H: int) -> int:
@@ -135,6 +156,30 @@ def _row_offsets(b_offs, J: tl.constexpr, BJ: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # streaming pass over the children: forward M-step sums, or the backward E-step sums
 # ----------------------------------------------------------------------------------------------
+def _batch_pruner(block):
+    """early_config_prune: the default config, and the others whose batch block does not exceed the
+    batch bucket (a larger block only idles lanes)."""
+    def prune(configs, named_args, **kwargs):
+        return [c for i, c in enumerate(configs) if i == 0 or block(kwargs, c.num_warps) <= kwargs["B_BUCKET"]]
+    return prune
+
+
+def _pass_block(args: dict, warps: int) -> int:
+    return pass_samples_per_warp({"BJ": args["BJ"], "BDL": args["BDL"]}) * warps
+
+
+def _grad_block(args: dict, warps: int) -> int:
+    return lanes_per_sample(args["BJ"]) * warps
+
+
+prune_em_pass_configs = _batch_pruner(_pass_block)
+prune_em_grad_configs = _batch_pruner(_grad_block)
+
+
+@triton.autotune(configs=autotune_configs(PASS_CONFIGS),
+                 key=["B_BUCKET", "I", "J", "H", "DIN", "IW", "FUSED", "MATRIX", "COORD", "FIRST", "BACKWARD"],
+                 prune_configs_by={"early_config_prune": prune_em_pass_configs}, **autotune_cache_kwargs())
+@triton.heuristics({"BLOCK_B": lambda args: _pass_block(args, args["num_warps"])})
 @triton.jit
 def em_pass_kernel(
     src_ptr,          # votes (B, I, J, H) (not FUSED), poses (B, I, 16) (MATRIX) or u (B, I, DIN)
@@ -153,12 +198,13 @@ def em_pass_kernel(
     GH, GW,           # COORD: the children's grid (I = GH * GW * IW)
     J: tl.constexpr, H: tl.constexpr, DIN: tl.constexpr,  # parents, vote length, vector input length
     IW,               # MATRIX: rows of W (child i uses row i % IW); else I
+    B_BUCKET,         # autotune key: batch_bucket(B) (unused by the code)
     FUSED: tl.constexpr,       # votes recomputed from src and W (else read)
     MATRIX: tl.constexpr,      # matrix votes V = M @ W (else vector)
     COORD: tl.constexpr,       # coordinate addition (MATRIX)
     FIRST: tl.constexpr,       # forward t = 0: uniform R, shift = child 0's votes
     BACKWARD: tl.constexpr,    # sum g = dL/dln q (the E-step of iteration t, t >= 1) instead of r
-    BLOCK_B: tl.constexpr,     # samples per program: lanes_per_sample(BJ) * num_warps
+    BLOCK_B: tl.constexpr,     # samples per program: pass_samples_per_warp * num_warps (heuristic)
     BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,  # tile widths (tiles.tile_dims)
 ):
     b_offs, b_mask, jd, _, bjd, mask, zero_b = sample_block(B, J, H, BLOCK_B, BJ, BDH, BDL)
@@ -211,6 +257,11 @@ def em_pass_kernel(
 # ----------------------------------------------------------------------------------------------
 # final backward pass: dL/dV -> dL/dsrc, dL/dW partials, dL/da
 # ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=autotune_configs(GRAD_CONFIGS),
+                 key=["B_BUCKET", "I", "J", "H", "DIN", "IW", "FUSED", "MATRIX", "COORD", "NEED_SRC", "NEED_W",
+                      "NEED_ACT"],
+                 prune_configs_by={"early_config_prune": prune_em_grad_configs}, **autotune_cache_kwargs())
+@triton.heuristics({"BLOCK_B": lambda args: _grad_block(args, args["num_warps"])})
 @triton.jit
 def em_grad_kernel(
     src_ptr,          # as em_pass_kernel
@@ -233,9 +284,10 @@ def em_grad_kernel(
     GH, GW,           # COORD: the children's grid
     J: tl.constexpr, H: tl.constexpr, DIN: tl.constexpr, BDIN: tl.constexpr,  # BDIN: next power of two >= DIN
     IW,               # rows of W for MATRIX (else I): grid axis 0 is IW * position chunks
+    B_BUCKET,         # autotune key: batch_bucket(B) (unused by the code)
     FUSED: tl.constexpr, MATRIX: tl.constexpr, COORD: tl.constexpr,  # as em_pass_kernel
     NEED_SRC: tl.constexpr, NEED_W: tl.constexpr, NEED_ACT: tl.constexpr,  # which gradients to write
-    BLOCK_B: tl.constexpr,     # samples per block: lanes_per_sample(BJ) * num_warps
+    BLOCK_B: tl.constexpr,     # samples per block: lanes_per_sample(BJ) * num_warps (heuristic)
     BJ: tl.constexpr, BDH: tl.constexpr, BDL: tl.constexpr,  # tile widths
 ):
     wrow = tl.program_id(0) % IW
@@ -413,10 +465,10 @@ def source(src: torch.Tensor, W: torch.Tensor | None, matrix: bool, coord: bool 
 class Plan(NamedTuple):
     dims: dict          # tile widths BJ, BDH, BDL of the gradient kernel
     pass_dims: dict     # tile widths of the pass kernels (pass_dims)
-    pass_block: int     # BLOCK_B of the pass kernels
+    pass_block: int     # BLOCK_B of the pass kernels' default config (sets n_chunks; the launch takes the config's)
     n_chunks: int       # child chunks of a pass
     caps_per_chunk: int
-    grad_block: int     # BLOCK_B of the gradient kernel
+    grad_block: int     # BLOCK_B of the gradient kernel's default config (sets n_groups)
     n_groups: int       # batch groups of the gradient kernel
     pos_chunks: int     # position chunks per W row of the gradient kernel
     pos_per_chunk: int
@@ -465,12 +517,13 @@ def _pass(s: Source, p: Plan, src, W, act, shift, hiv, cq, coef, first: bool):
     part_w = empty(p.n_chunks, s.B, s.J, dtype=torch.float32, device=dev)
     part_s = empty(p.n_chunks, 2, s.B, s.J, s.H, dtype=torch.float32, device=dev)
     alpha, beta, gamma = coef if coef is not None else (shift, shift, shift)
-    em_pass_kernel[(cdiv(s.B, p.pass_block), p.n_chunks)](
+    ensure_tuned_configs_loaded()
+    em_pass_kernel[lambda meta: (cdiv(s.B, meta["BLOCK_B"]), p.n_chunks)](
         src_ptr=src, W_ptr=W if W is not None else src, act_ptr=act, shift_ptr=shift,
         hiv_ptr=hiv if hiv is not None else shift, cq_ptr=cq if cq is not None else shift, alpha_ptr=alpha,
         beta_ptr=beta, gamma_ptr=gamma, part_w_ptr=part_w, part_s_ptr=part_s, B=s.B, I=s.I,
         caps_per_chunk=p.caps_per_chunk, GH=s.GH, GW=s.GW, IW=s.IW, **s.constexprs(), FIRST=first,
-        BACKWARD=coef is not None, BLOCK_B=p.pass_block, num_warps=PASS_WARPS, num_stages=1, **p.pass_dims)
+        B_BUCKET=batch_bucket(s.B), BACKWARD=coef is not None, **p.pass_dims)
     if p.n_chunks == 1:
         return part_w[0], part_s[0, 0], part_s[0, 1]
     total_s = part_s.sum(0)  # chunk order: torch's reduction over a leading dim is deterministic
@@ -591,12 +644,13 @@ def _final_grad(s: Source, p: Plan, src, W, act, shift_all, hiv_all, cq_all, alp
         grad_W = empty(parts, *W.shape, dtype=torch.float32, device=dev)
     else:
         grad_W = shift_all
+    ensure_tuned_configs_loaded()
     em_grad_kernel[(s.IW * p.pos_chunks, p.n_groups)](
         src_ptr=src, W_ptr=W if W is not None else src, act_ptr=act, shift_ptr=shift_all, hiv_ptr=hiv_all,
         cq_ptr=cq_all, alpha_ptr=alpha_all, beta_ptr=beta_all, gamma_ptr=gamma_all, grad_src_ptr=grad_src,
         grad_W_ptr=grad_W, grad_act_ptr=grad_act, B=s.B, I=s.I, iterations=T, pos_per_chunk=p.pos_per_chunk,
         n_groups=p.n_groups, GH=s.GH, GW=s.GW, IW=s.IW, **s.constexprs(), BDIN=next_pow2(s.DIN), NEED_SRC=need_src,
-        NEED_W=need_W, NEED_ACT=need_act, BLOCK_B=p.grad_block, num_warps=GRAD_WARPS, num_stages=1, **p.dims)
+        NEED_W=need_W, NEED_ACT=need_act, B_BUCKET=batch_bucket(s.B), **p.dims)
     if need_W:
         grad_W = sum_partials(grad_W, W.dtype)
     return (grad_src if need_src else None), (grad_W if need_W else None), (grad_act if need_act else None)
@@ -607,10 +661,12 @@ def _final_grad(s: Source, p: Plan, src, W, act, shift_all, hiv_all, cq_all, alp
 # plain FC (IW = I) and class capsules (IW = A, coordinate addition), fp32 and fp16
 # ----------------------------------------------------------------------------------------------
 def _compile_cases() -> list[dict]:
+    """Every config of the autotune lists (PASS_CONFIGS, GRAD_CONFIGS; default = the first); the
+    assignments kernel at its single config."""
     cases = []
     for J in (10, 5):
         dims, pdims = tile_dims(J, 16), pass_dims(J, 16)
-        lanes, pass_block = lanes_per_sample(dims["BJ"]), pass_samples_per_warp(pdims) * PASS_WARPS
+        spw = pass_samples_per_warp(pdims)
         for dtype in ("fp32", "fp16"):
             src = f"*{dtype}"
             for what, coord in (("fc", False), ("class", True)):
@@ -619,26 +675,29 @@ def _compile_cases() -> list[dict]:
                 pass_sig = {"src_ptr": src, "W_ptr": src, "act_ptr": src, "shift_ptr": F32, "hiv_ptr": F32,
                             "cq_ptr": F32, "alpha_ptr": F32, "beta_ptr": F32, "gamma_ptr": F32, "part_w_ptr": F32,
                             "part_s_ptr": F32, "B": I32, "I": I32, "caps_per_chunk": I32, "GH": I32, "GW": I32,
-                            "IW": I32}
+                            "IW": I32, "B_BUCKET": I32}
                 for flags in (dict(FIRST=True, BACKWARD=False), dict(FIRST=False, BACKWARD=False),
                               dict(FIRST=False, BACKWARD=True)):
                     label = "first" if flags["FIRST"] else ("backward" if flags["BACKWARD"] else "forward")
-                    cases.append(dict(name=f"em_pass[{tag},{label}]", fn=em_pass_kernel, signature=pass_sig,
-                                      constexprs={**base, **pdims, **flags, "BLOCK_B": pass_block},
-                                      num_warps=PASS_WARPS, num_stages=1, default=True))
+                    for n, cfg in enumerate(PASS_CONFIGS):
+                        cases.append(dict(name=f"em_pass[{tag},{label}]", fn=em_pass_kernel.fn.fn, signature=pass_sig,
+                                          constexprs={**base, **pdims, **flags, "BLOCK_B": spw * cfg.num_warps},
+                                          num_warps=cfg.num_warps, num_stages=1, default=n == 0))
                 grad_sig = {"src_ptr": src, "W_ptr": src, "act_ptr": src, "shift_ptr": F32, "hiv_ptr": F32,
                             "cq_ptr": F32, "alpha_ptr": F32, "beta_ptr": F32, "gamma_ptr": F32, "grad_src_ptr": src,
                             "grad_W_ptr": F32, "grad_act_ptr": src, "B": I32, "I": I32, "iterations": I32,
-                            "pos_per_chunk": I32, "n_groups": I32, "GH": I32, "GW": I32, "IW": I32}
-                cases.append(dict(name=f"em_grad[{tag}]", fn=em_grad_kernel, signature=grad_sig,
-                                  constexprs={**base, **dims, "BDIN": 4, "NEED_SRC": True, "NEED_W": True,
-                                              "NEED_ACT": True, "BLOCK_B": lanes * GRAD_WARPS},
-                                  num_warps=GRAD_WARPS, num_stages=1, default=True))
+                            "pos_per_chunk": I32, "n_groups": I32, "GH": I32, "GW": I32, "IW": I32, "B_BUCKET": I32}
+                for n, cfg in enumerate(GRAD_CONFIGS):
+                    cases.append(dict(name=f"em_grad[{tag}]", fn=em_grad_kernel.fn.fn, signature=grad_sig,
+                                      constexprs={**base, **dims, "BDIN": 4, "NEED_SRC": True, "NEED_W": True,
+                                                  "NEED_ACT": True,
+                                                  "BLOCK_B": lanes_per_sample(dims["BJ"]) * cfg.num_warps},
+                                      num_warps=cfg.num_warps, num_stages=1, default=n == 0))
                 assign_sig = {"src_ptr": src, "W_ptr": src, "shift_ptr": F32, "hiv_ptr": F32, "cq_ptr": F32,
                               "R_ptr": src, "B": I32, "I": I32, "caps_per_chunk": I32, "GH": I32, "GW": I32,
                               "IW": I32}
                 cases.append(dict(name=f"em_assignments[{tag}]", fn=em_assignments_kernel, signature=assign_sig,
-                                  constexprs={**base, **pdims, "BLOCK_B": pass_block}, num_warps=PASS_WARPS,
+                                  constexprs={**base, **pdims, "BLOCK_B": spw * PASS_WARPS}, num_warps=PASS_WARPS,
                                   num_stages=1, default=True))
     return cases
 

@@ -60,14 +60,50 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._common import cdiv, empty, next_pow2, on_device
+from .._common import autotune_cache_kwargs, autotune_configs, batch_bucket, cdiv, empty, next_pow2, on_device
+from ..autotune_cache import ensure_tuned_configs_loaded
 from ..partials import MAX_GROUPS, sum_partials
 from .em_statistics import e_step_backward, finish_m_step, m_step_backward
 
 MODE_LOGZ, MODE_RDR, MODE_GRAD = 0, 1, 2   # em_conv_child_kernel
 MODE_MSTEP, MODE_DSUM = 0, 1               # em_conv_parent_kernel
 TILE_ELEMENTS = 512  # BA * BC * 16 per program (4 elements per thread at 4 warps)
-NUM_WARPS = 4
+NUM_WARPS = 4        # warps of every kernel's default config
+
+# Autotune lists (num_warps only: the tile widths stay those of tile_dims / child_tile_dims /
+# weight_tile_dims, so the grids do not depend on the config).  The first config is the hand-picked
+# default (what runs before tuning, in the interpreter and under CAPSTRITON_SINGLE_CONFIG=1); the
+# compile check (COMPILE_CASES) covers every config the pruners keep at the smallNORB and
+# small-network shapes.  Measured with it (sm_80, sm_90, fp32, fp16; triton 3.8) and left out: the
+# parent kernel at 2 warps (spills at C = 16 and 32, sm_80), the child kernel at 8 warps for C = 32
+# (spills, sm_80), at 2 warps for C = 32 on given votes (spills, sm_90) and in MODE_GRAD (155
+# registers: 12 resident warps per SM on sm_80).
+CHILD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (NUM_WARPS, 8, 2)]
+PARENT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (NUM_WARPS, 8)]
+WEIGHT_GRAD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (NUM_WARPS, 2)]
+
+
+def prune_conv_configs(configs, named_args, **kwargs):
+    """early_config_prune: the default config, and the others with at least one tile element per
+    thread (smaller tiles would only replicate work across the warps)."""
+    elements = kwargs["BA"] * kwargs["BC"] * 16
+    return [c for i, c in enumerate(configs) if i == 0 or elements >= 32 * c.num_warps]
+
+
+def prune_child_configs(configs, named_args, **kwargs):
+    """prune_conv_configs, less the child-kernel configs measured spilling or below 16 resident warps
+    per SM (see CHILD_CONFIGS)."""
+    def bad(c):
+        if c.num_warps == 8:
+            return kwargs["BC"] >= 32
+        if c.num_warps == 2:
+            return kwargs["MODE"] == MODE_GRAD or (kwargs["BC"] >= 32 and bool(kwargs["VOTES"]))
+        return False
+    kept = prune_conv_configs(configs, named_args, **kwargs)
+    return [c for i, c in enumerate(kept) if i == 0 or not bad(c)]
+
+
+_CONV_KEY = ["B_BUCKET", "H", "W", "OH", "OW", "stride", "K", "A", "C", "BA", "BC"]
 
 
 def tile_dims(A: int, C: int) -> dict:
@@ -212,6 +248,8 @@ def _pair_grad(V, act2, n_par, mu_ptr, ivar_ptr, qc_ptr, alpha_ptr, beta_ptr, ga
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=autotune_configs(CHILD_CONFIGS), key=[*_CONV_KEY, "MODE", "VOTES"],
+                 prune_configs_by={"early_config_prune": prune_child_configs}, **autotune_cache_kwargs())
 @triton.jit
 def em_conv_child_kernel(
     pose_ptr,         # (B, H, W, A, 16) child poses, input dtype; VOTES: the votes (B, OH, OW, K, K, A, C, 16)
@@ -229,6 +267,7 @@ def em_conv_child_kernel(
     grad_act_ptr,     # (B, H, W, A) GRAD: dL/dactivations out, input dtype
     B, H, W, OH, OW,  # batch, child grid, parent grid
     stride,           # convolution stride
+    B_BUCKET,         # autotune key: batch_bucket(B) (unused by the code)
     t,                # iteration: LOGZ reads state t-1 and writes logZ^t; RDR uses t-1 (R) and t (dr)
     iterations,       # T (GRAD loops over every t)
     K: tl.constexpr, A: tl.constexpr, C: tl.constexpr,  # kernel size, child types, parent types
@@ -313,6 +352,8 @@ def em_conv_child_kernel(
             tl.store(grad_pose_ptr + p_row + rr * 4 + kk, dP.to(grad_pose_ptr.dtype.element_ty), mask=am4)
 
 
+@triton.autotune(configs=autotune_configs(PARENT_CONFIGS), key=[*_CONV_KEY, "MODE", "FIRST", "WRITE_R", "VOTES"],
+                 prune_configs_by={"early_config_prune": prune_conv_configs}, **autotune_cache_kwargs())
 @triton.jit
 def em_conv_parent_kernel(
     pose_ptr,         # (B, H, W, A, 16) child poses, input dtype; VOTES: the votes (B, OH, OW, K, K, A, C, 16)
@@ -333,6 +374,7 @@ def em_conv_parent_kernel(
     shift_ptr,        # (B, OH, OW, C, 16) fp32 out, MSTEP FIRST: the shift of the sums (else unused)
     B, H, W, OH, OW,  # batch, child grid, parent grid
     stride,           # convolution stride
+    B_BUCKET,         # autotune key: batch_bucket(B) (unused by the code)
     t,                # iteration: MSTEP forms the sums of M-step t; DSUM the E-step sums of t (>= 1)
     K: tl.constexpr, A: tl.constexpr, C: tl.constexpr,  # kernel size, child types, parent types
     MODE: tl.constexpr,                                   # MODE_MSTEP or MODE_DSUM
@@ -424,6 +466,8 @@ def em_conv_parent_kernel(
     tl.store(sum2_ptr + o16, tl.sum(acc2, axis=0)[None, :, :, :], mask=cm4)
 
 
+@triton.autotune(configs=autotune_configs(WEIGHT_GRAD_CONFIGS), key=_CONV_KEY,
+                 prune_configs_by={"early_config_prune": prune_conv_configs}, **autotune_cache_kwargs())
 @triton.jit
 def em_conv_weight_grad_kernel(
     pose_ptr,         # (B, H, W, A, 16) child poses, input dtype
@@ -440,6 +484,7 @@ def em_conv_weight_grad_kernel(
     part_ptr,         # (n_groups, K, K, A, C, 16) fp32 out: per-batch-group partials of dL/dW
     B, H, W, OH, OW,  # batch, child grid, parent grid
     stride,           # convolution stride
+    B_BUCKET,         # autotune key: batch_bucket(B) (unused by the code)
     iterations,       # T
     per_group,        # samples per batch group (grid axis 2)
     K: tl.constexpr, A: tl.constexpr, C: tl.constexpr,  # kernel size, child types, parent types
@@ -514,7 +559,8 @@ class _Geometry:
         self.stride = stride
         self.OH, self.OW = _out(self.H, self.K, stride), _out(self.W, self.K, stride)
         self.dims = tile_dims(self.A, self.C)
-        self.sizes = dict(B=self.B, H=self.H, W=self.W, OH=self.OH, OW=self.OW, stride=stride)
+        self.sizes = dict(B=self.B, H=self.H, W=self.W, OH=self.OH, OW=self.OW, stride=stride,
+                          B_BUCKET=batch_bucket(self.B))
         self.const = dict(K=self.K, A=self.A, C=self.C, VOTES=self.votes, **self.dims)
 
     def child(self, mode: int) -> tuple[tuple, dict]:
@@ -535,6 +581,7 @@ def conv_em_fwd(pose: torch.Tensor, W: torch.Tensor | None, act: torch.Tensor, b
     mu, var, logit, m (parents) and logZ (children, slot 0 unused).  W None: pose holds given votes
     (B, OH, OW, K, K, A, C, 16) (VOTES mode)."""
     W = pose if W is None else W
+    ensure_tuned_configs_loaded()
     with on_device(pose):
         g = _Geometry(pose, None if W is pose else W, act, stride)
         T = len(lambdas)
@@ -559,13 +606,13 @@ def conv_em_fwd(pose: torch.Tensor, W: torch.Tensor | None, act: torch.Tensor, b
                 grid, const = g.child(MODE_LOGZ)
                 em_conv_child_kernel[grid](
                     pose_ptr=pose, W_ptr=W, act_ptr=act, **state, **unused, logz_ptr=logz_all, s_ptr=logz_all,
-                    grad_pose_ptr=pose, grad_act_ptr=act, **g.sizes, t=t, iterations=T, **const, num_warps=NUM_WARPS)
+                    grad_pose_ptr=pose, grad_act_ptr=act, **g.sizes, t=t, iterations=T, **const)
             write_R = return_R and t == T - 1
             em_conv_parent_kernel[g.parent_grid()](
                 pose_ptr=pose, W_ptr=W, act_ptr=act, **state, **unused, logz_ptr=logz_all, s_ptr=logz_all,
                 m_ptr=m_all[t], sum1_ptr=sum1, sum2_ptr=sum2, R_ptr=R if write_R else sum1, shift_ptr=mu_all[0],
                 **g.sizes, t=t,
-                MODE=MODE_MSTEP, FIRST=t == 0, WRITE_R=write_R, **g.const, num_warps=NUM_WARPS)
+                MODE=MODE_MSTEP, FIRST=t == 0, WRITE_R=write_R, **g.const)
             mu, var, logit = finish_m_step(m_all[t], sum1, sum2, mu_all[max(t - 1, 0)], bu, ba,
                                            lambdas[t], scale, eps, min_var)
             mu_all[t], var_all[t], logit_all[t] = mu, var, logit
@@ -584,6 +631,7 @@ def conv_em_bwd(pose, W, act, beta_u, stride: int, lambdas: list[float], scale: 
     votes = W is None
     W = pose if votes else W
     need_W = need_W and not votes
+    ensure_tuned_configs_loaded()
     with on_device(pose):
         g = _Geometry(pose, None if votes else W, act, stride)
         T = len(lambdas)
@@ -617,18 +665,16 @@ def conv_em_bwd(pose, W, act, beta_u, stride: int, lambdas: list[float], scale: 
                 break
             grid, const = g.child(MODE_RDR)
             em_conv_child_kernel[grid](
-                **common, grad_pose_ptr=pose, grad_act_ptr=act, **g.sizes, t=t, iterations=T, **const,
-                num_warps=NUM_WARPS)
+                **common, grad_pose_ptr=pose, grad_act_ptr=act, **g.sizes, t=t, iterations=T, **const)
             em_conv_parent_kernel[g.parent_grid()](
                 **common, m_ptr=D0, sum1_ptr=D1, sum2_ptr=D2, R_ptr=D1, shift_ptr=D1, **g.sizes, t=t,
-                MODE=MODE_DSUM, FIRST=False, WRITE_R=False, **g.const, num_warps=NUM_WARPS)
+                MODE=MODE_DSUM, FIRST=False, WRITE_R=False, **g.const)
             g_mu, g_var, g_logit = e_step_backward(D0, D1, D2, var_all[t - 1], logit_all[t - 1])
         grad_pose = empty(*pose.shape, dtype=pose.dtype, device=dev)
         grad_act = empty(*act.shape, dtype=act.dtype, device=dev)
         grid, const = g.child(MODE_GRAD)
         em_conv_child_kernel[grid](
-            **common, grad_pose_ptr=grad_pose, grad_act_ptr=grad_act, **g.sizes, t=0, iterations=T, **const,
-            num_warps=NUM_WARPS)
+            **common, grad_pose_ptr=grad_pose, grad_act_ptr=grad_act, **g.sizes, t=0, iterations=T, **const)
         grad_W = None
         if need_W:
             n_groups = min(MAX_GROUPS, B)
@@ -637,8 +683,7 @@ def conv_em_bwd(pose, W, act, beta_u, stride: int, lambdas: list[float], scale: 
             part = empty(n_groups, *W.shape, dtype=torch.float32, device=dev)
             wdims = weight_tile_dims(g.A, C)
             em_conv_weight_grad_kernel[(g.K * g.K, cdiv(g.A, wdims["BA"]), n_groups)](  # never VOTES
-                **common, part_ptr=part, **g.sizes, iterations=T, per_group=per_group, K=g.K, A=g.A, C=C, **wdims,
-                num_warps=NUM_WARPS)
+                **common, part_ptr=part, **g.sizes, iterations=T, per_group=per_group, K=g.K, A=g.A, C=C, **wdims)
             grad_W = sum_partials(part, W.dtype)
         return grad_pose, grad_act, grad_W, g_bu, g_ba
 
@@ -657,7 +702,7 @@ COMPILE_SHAPES = (  # (label, K, A, C)
 
 def _compile_cases() -> list[dict]:
     F32, I32 = "*fp32", "i32"
-    grid_args = {"B": I32, "H": I32, "W": I32, "OH": I32, "OW": I32, "stride": I32}
+    grid_args = {"B": I32, "H": I32, "W": I32, "OH": I32, "OW": I32, "stride": I32, "B_BUCKET": I32}
     stats = {"mu_ptr": F32, "ivar_ptr": F32, "qc_ptr": F32, "alpha_ptr": F32, "beta_ptr": F32, "gamma_ptr": F32,
              "logz_ptr": F32, "s_ptr": F32}
     cases = []
@@ -672,24 +717,27 @@ def _compile_cases() -> list[dict]:
                 for mode, name in ((MODE_LOGZ, "logz"), (MODE_RDR, "rdr"), (MODE_GRAD, "grad")):
                     sig = {**inputs, **stats, "grad_pose_ptr": src, "grad_act_ptr": src, **grid_args, "t": I32,
                            "iterations": I32}
-                    cases.append({"name": f"em_conv_child[{tag},{name}{vtag}]", "fn": em_conv_child_kernel,
-                                  "signature": sig, "constexprs": {**const, "MODE": mode, "VOTES": votes,
-                                                                   **child_tile_dims(A, C, mode, votes)},
-                                  "num_warps": NUM_WARPS, "num_stages": 1, "default": True})
+                    cdims = child_tile_dims(A, C, mode, votes)
+                    for n, cfg in enumerate(prune_child_configs(CHILD_CONFIGS, {}, MODE=mode, VOTES=votes, **cdims)):
+                        cases.append({"name": f"em_conv_child[{tag},{name}{vtag}]", "fn": em_conv_child_kernel,
+                                      "signature": sig, "constexprs": {**const, "MODE": mode, "VOTES": votes, **cdims},
+                                      "num_warps": cfg.num_warps, "num_stages": 1, "default": n == 0})
                 for mode, first, write_r, name in ((MODE_MSTEP, True, False, "mstep-first"),
                                                    (MODE_MSTEP, False, False, "mstep"),
                                                    (MODE_MSTEP, False, True, "mstep-write-R"),
                                                    (MODE_DSUM, False, False, "dsum")):
                     sig = {**inputs, **stats, "m_ptr": F32, "sum1_ptr": F32, "sum2_ptr": F32, "R_ptr": F32,
                            "shift_ptr": F32, **grid_args, "t": I32}
-                    cases.append({"name": f"em_conv_parent[{tag},{name}{vtag}]", "fn": em_conv_parent_kernel,
-                                  "signature": sig, "constexprs": {**const, "MODE": mode, "FIRST": first,
-                                                                   "WRITE_R": write_r, "VOTES": votes},
-                                  "num_warps": NUM_WARPS, "num_stages": 1, "default": True})
+                    for n, cfg in enumerate(prune_conv_configs(PARENT_CONFIGS, {}, **tile_dims(A, C))):
+                        cases.append({"name": f"em_conv_parent[{tag},{name}{vtag}]", "fn": em_conv_parent_kernel,
+                                      "signature": sig, "constexprs": {**const, "MODE": mode, "FIRST": first,
+                                                                       "WRITE_R": write_r, "VOTES": votes},
+                                      "num_warps": cfg.num_warps, "num_stages": 1, "default": n == 0})
             sig = {**inputs, **stats, "part_ptr": F32, **grid_args, "iterations": I32, "per_group": I32}
-            cases.append({"name": f"em_conv_weight_grad[{tag}]", "fn": em_conv_weight_grad_kernel, "signature": sig,
-                          "constexprs": {"K": k, "A": A, "C": C, **weight_tile_dims(A, C)}, "num_warps": NUM_WARPS,
-                          "num_stages": 1, "default": True})
+            for n, cfg in enumerate(prune_conv_configs(WEIGHT_GRAD_CONFIGS, {}, **weight_tile_dims(A, C))):
+                cases.append({"name": f"em_conv_weight_grad[{tag}]", "fn": em_conv_weight_grad_kernel,
+                              "signature": sig, "constexprs": {"K": k, "A": A, "C": C, **weight_tile_dims(A, C)},
+                              "num_warps": cfg.num_warps, "num_stages": 1, "default": n == 0})
     return cases
 
 

@@ -227,3 +227,36 @@ def test_record_save_seed_with_a_real_autotuner(tmp_path):
     fresh[lambda meta: (triton.cdiv(40, meta["BLOCK"]),)](x, y, 40)
     assert fresh_calls == [], "a seeded key must not be benchmarked again"
     assert fresh.best_config.kwargs == {"BLOCK": 16}
+
+
+def test_cli_dry_run_lists_the_em_layers():
+    """The EM matrix-capsule layers (class_caps_route, conv_caps_route) are listed with em among --routings,
+    and left out without it or with --em-layers and no names."""
+    def plan(*extra):
+        proc = subprocess.run([sys.executable, "-m", "capstriton.tune", "--dry-run", "--batch-sizes", "8", *extra],
+                              env=_cli_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+    out = plan()
+    assert "EM layers (forward + backward each):" in out
+    for name in tune.EM_LAYERS:
+        assert f"  {tune.em_layer_label(name)}" in out
+    assert "class-mnist: class_caps_route 3x3x32 -> 10" in out
+    assert "class-smallnorb: class_caps_route 4x4x32 -> 5" in out
+    assert "convcaps1: conv_caps_route 14x14x32, K=3 s=2 -> 32 types" in out
+    assert "convcaps2: conv_caps_route 6x6x32, K=3 s=1 -> 32 types" in out
+    for kernel in ("em_pass_kernel", "em_grad_kernel", "em_conv_child_kernel", "em_conv_parent_kernel",
+                   "em_conv_weight_grad_kernel"):
+        assert f"  {kernel}: " in out
+    out = plan("--em-layers", "convcaps2")
+    assert "convcaps2: conv_caps_route" in out and "class-mnist" not in out
+    assert "EM layers" not in plan("--routings", "dynamic")
+    assert "EM layers" not in plan("--em-layers")
+
+
+@pytest.mark.parametrize("layer", [("class", 2, 2, 2, 3, None, None), ("conv", 4, 4, 2, 2, 3, 1)],
+                         ids=["class", "conv"])
+def test_em_layer_runs_forward_and_backward(layer, monkeypatch):
+    """The tuner's EM layer step through the public functions (a tiny layer, on the CPU in the interpreter)."""
+    monkeypatch.setitem(tune.EM_LAYERS, "tiny", layer)
+    tune._run_em_layer("tiny", SimpleNamespace(iterations=2), 2, torch.float32, device="cpu")
