@@ -361,8 +361,8 @@ def test_host_overhead_cli(tmp_path):
 
 # --- benchmarks/gpu_verify.sh: the plan, the time boxes and the summary, without a GPU
 GPU_VERIFY = REPO / "benchmarks" / "gpu_verify.sh"
-ORDER = ["setup", "tests", "bench-paper", "bench-em", "host-overhead", "train-epoch", "bench-attention", "tune", "bench-full",
-         "compile-check"]
+ORDER = ["setup", "tests", "bench-paper", "bench-em", "host-overhead", "train-epoch", "bench-attention", "tune",
+         "bench-full", "compile-check"]
 
 
 def test_gpu_verify_syntax_and_plan():
