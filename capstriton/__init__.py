@@ -10,13 +10,19 @@ data live in the subpackages of those names.
 """
 from .caps_transform import caps_transform
 from .layers import DigitCaps, PrimaryCaps, set_backend
-from .loss import margin_loss, reconstruction_loss
-from .models import CapsNet, ConvBaseline, EfficientCapsNet
+from .loss import margin_loss, reconstruction_loss, spread_loss, spread_margin, spread_margin_sigmoid
+from .matrix_caps import class_caps_votes, conv_caps_votes, matrix_transform
+from .matrix_layers import ClassCaps, ConvCaps, PrimaryMatrixCaps
+from .models import CapsNet, ConvBaseline, EfficientCapsNet, MatrixCapsNet
 from .routing import (
     LayerParameter,
     Routed,
     Routing,
+    class_caps_route,
+    conv_caps_route,
+    conv_em_routing,
     dynamic_routing,
+    em_routing,
     get_routing,
     inverted_attention_routing,
     kernel_layout_weight,
@@ -36,4 +42,8 @@ __all__ = [
     "Routing", "Routed", "LayerParameter", "register_routing", "get_routing", "routing_names", "kernel_layout_weight",
     "margin_loss", "reconstruction_loss", "PrimaryCaps", "DigitCaps", "set_backend", "CapsNet", "EfficientCapsNet",
     "ConvBaseline", "__version__",
+    # matrix capsules with EM routing
+    "em_routing", "class_caps_route", "conv_em_routing", "conv_caps_route", "matrix_transform", "conv_caps_votes",
+    "class_caps_votes", "spread_loss", "spread_margin", "spread_margin_sigmoid", "PrimaryMatrixCaps", "ConvCaps",
+    "ClassCaps", "MatrixCapsNet",
 ]

@@ -1,5 +1,8 @@
-"""Margin loss of Sabour et al. (2017), eq. 4."""
+"""Margin loss of Sabour et al. (2017), eq. 4; reconstruction loss; spread loss of Hinton et al.
+(2018), eq. 3, with its margin schedules."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -82,3 +85,64 @@ def _explain_reconstruction_inputs(reconstructions, images) -> None:
                          f"{tuple(reconstructions.shape)} and {tuple(images.shape)}")
     raise ValueError(f"reconstructions and images must have the same number of pixels per image, got "
                      f"{tuple(reconstructions.shape)} and {tuple(images.shape)}")
+
+
+def spread_loss(activations: torch.Tensor, targets: torch.Tensor, margin: float | torch.Tensor = 0.2) -> torch.Tensor:
+    """Spread loss (Hinton, Sabour & Frosst 2018, eq. 3; spec L1): the mean over the batch of
+    sum_{i != t} max(0, m - (a_t - a_i))^2, with a the class activations and t the target class.
+
+    activations: (B, E) floating point, in [0, 1] (checked on the device: a RuntimeError through
+    a device-side assert, no host sync; E >= 2).  targets: (B,) integer class labels in [0, E)
+    (checked likewise).  margin: m, a number in [0, 1] or a 0-dim tensor (e.g. filled in place
+    by a schedule under CUDA graphs); ``spread_margin`` / ``spread_margin_sigmoid`` give the
+    paper's and the authors' schedules.  Per example, [P]; the batch mean is [I]'s reduction (the
+    authors' code also divides by E).
+    """
+    check_tensor("activations", activations, 2, " (B, E)")
+    if activations.shape[1] < 2:
+        raise ValueError(f"activations must have at least 2 classes (B, E >= 2), got shape {tuple(activations.shape)}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of integer class labels (B,), got {type(targets).__name__}")
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be integer class labels (B,), got {targets.dtype}")
+    B, E = activations.shape
+    if targets.dim() != 1 or targets.shape[0] != B:
+        raise ValueError(f"targets must have shape ({B},) to match activations {tuple(activations.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != activations.device:
+        raise ValueError(f"targets and activations must be on the same device, got {targets.device} and "
+                         f"{activations.device}")
+    if isinstance(margin, torch.Tensor):
+        if margin.dim() != 0:
+            raise ValueError(f"margin must be a number or a 0-dim tensor, got shape {tuple(margin.shape)}")
+    elif isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 1:
+        raise ValueError(f"margin must be a number in [0, 1] (the paper grows it from 0.2 to 0.9), got {margin!r}")
+    check_labels_async(targets, E)
+    in_range = ((activations >= 0) & (activations <= 1)).all()
+    torch._assert_async(in_range, "spread_loss: activations must lie in [0, 1], got a value outside it")
+    mask = class_mask(targets, E)
+    a = activations.float() if activations.dtype in (torch.float16, torch.bfloat16) else activations
+    a_t = (a * mask).sum(dim=1, keepdim=True)
+    gap = torch.clamp(margin - (a_t - a), min=0.0) ** 2
+    return gap.masked_fill(mask, 0.0).sum(dim=1).mean()
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def spread_margin(progress: float, start: float = 0.2, end: float = 0.9) -> float:
+    """The paper's margin schedule (spec L2a): start + (end - start) x progress, "starting with a
+    small margin of 0.2 and linearly increasing it during training to 0.9"; progress (the
+    fraction of the run done) is clamped to [0, 1]."""
+    progress = min(max(_check_number("progress", progress), 0.0), 1.0)
+    return _check_number("start", start) + (_check_number("end", end) - start) * progress
+
+
+def spread_margin_sigmoid(step: int | float) -> float:
+    """The authors' code's margin schedule (spec L2b): 0.2 + 0.79 x sigmoid(min(10, step / 50000
+    - 4)): 0.214 at step 0, 0.595 at step 200k, saturating near 0.99."""
+    x = min(10.0, _check_number("step", step) / 50000.0 - 4.0)
+    return 0.2 + 0.79 / (1.0 + math.exp(-x))

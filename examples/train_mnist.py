@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Train CapsNet (Sabour et al. 2017) or Efficient-CapsNet (Mazzia et al. 2021) on MNIST, on
-one device or many.
+"""Train CapsNet (Sabour et al. 2017), Efficient-CapsNet (Mazzia et al. 2021) or matrix capsules
+with EM routing (Hinton et al. 2018) on MNIST, on one device or many.
 
     python examples/train_mnist.py            # CUDA: the paper recipe; CPU only: a bounded demo
     python examples/train_mnist.py --full     # the paper recipe on any device
     python examples/train_mnist.py --model efficient-capsnet    # Efficient-CapsNet, its authors' recipe
+    python examples/train_mnist.py --model matrix-capsnet       # MatrixCapsNet, spread loss, EM routing
     torchrun --standalone --nproc-per-node 4 examples/train_mnist.py    # DistributedDataParallel
     python examples/train_mnist.py --resume   # continue exactly where --out-dir's checkpoint stopped
 
@@ -12,7 +13,10 @@ CapsNet paper recipe: Adam (lr 1e-3, decayed x0.96 every 2000 steps), batch 128,
 of up to 2 pixels, 3 routing iterations, margin loss + 0.0005 x sum-of-squares reconstruction
 loss; the decoder sees the true class's capsule in training, the longest one at test time.
 Efficient-CapsNet: Adam 5e-4 x0.97 per epoch, batch 16, 150 epochs, random rotation, squish,
-erased patch and shift (--augment affine).  The recipes and their CPU demos:
+erased patch and shift (--augment affine).  Matrix capsules: the paper's network (A=B=C=D=32),
+3 EM iterations, spread loss with the margin growing from 0.2 to 0.9 over the run, no decoder,
+Adam 3e-3 x0.96 every 20k steps, batch 64, weight decay 2e-7; its CPU demo trains the small
+network (A=64, B=8, C=D=16) for a wall-clock budget.  The recipes and their CPU demos:
 capstriton.training.recipes.  Every epoch is evaluated on the full official 10k test set.
 
 Under torchrun every rank holds the data on its device and takes a disjoint shard of every
@@ -21,7 +25,8 @@ rank 0 alone prints and writes.  The global batches and their augmentation do no
 the number of processes.
 
 Outputs (in --out-dir): metrics.csv, metrics.png, config.json, checkpoint.pt (resume with
---resume), summary.json, reconstructions.png (inputs above their reconstructions).
+--resume), summary.json, reconstructions.png (inputs above their reconstructions; not for
+matrix-capsnet, which has no decoder).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import capstriton as ct  # noqa: E402
 from capstriton import training  # noqa: E402
 from capstriton.files import remove_stale_temporaries  # noqa: E402
 from capstriton.training.cli import HelpFormatter  # noqa: E402
+from capstriton.training.steps import make_spread_train_step, spread_criterion, spread_margin_at  # noqa: E402
 
 DEMO = training.MNIST_RECIPES["capsnet"]["cpu-demo"]
 METRIC_FIELDS = ["epoch", "mode", "train_loss", "train_acc", "test_loss", "test_acc", "test_error", "seconds",
@@ -88,13 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true",
                    help="dynamic routing: detach u_hat in the routing logits (all but last iteration)")
     p.add_argument("--recon-weight", type=float, default=None,
-                   help="weight of the reconstruction loss (default: the recipe's, 0.0005)")
+                   help="weight of the reconstruction loss (default: the recipe's, 0.0005; matrix-capsnet has no "
+                        "decoder)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="Adam weight decay (default: the recipe's, 0 except matrix-capsnet's 2e-7; its CPU demo 0)")
+    p.add_argument("--margin-schedule", choices=["linear", "sigmoid"], default=None,
+                   help="matrix-capsnet's spread-loss margin: linear 0.2 -> 0.9 over the run (the paper) or the "
+                        "authors' code's sigmoid of the step (default: linear)")
     p.add_argument("--augment", choices=["shift", "affine"], default=None,
                    help="shift: random shifts of up to --shift pixels; affine: the Efficient-CapsNet recipe's "
                         "rotation, squish, erased patch and shift (default: the recipe's, CapsNet shift, "
                         "Efficient-CapsNet affine)")
-    p.add_argument("--shift", type=int, default=2, help="random translation of up to this many pixels (0: off) "
-                   "with --augment shift")
+    p.add_argument("--shift", type=int, default=None, help="random translation of up to this many pixels (0: off) "
+                   "with --augment shift (default: the recipe's, 2; the matrix-capsnet CPU demo 0)")
     p.add_argument("--conv-channels", type=int, default=None, help="CapsNet Conv1 channels (default: 256; demo %d)"
                    % DEMO["model"]["conv_channels"])
     p.add_argument("--primary-caps", type=int, default=None, help="CapsNet primary capsule types (default: 32; "
@@ -142,6 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.model != "capsnet" and (args.conv_channels or args.primary_caps):
         p.error("--conv-channels and --primary-caps apply to --model capsnet only")
+    if args.model != "matrix-capsnet" and args.margin_schedule:
+        p.error("--margin-schedule applies to --model matrix-capsnet only")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     return args
 
 
@@ -158,8 +174,14 @@ def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) 
     widths = {"conv_channels": args.conv_channels, "primary_caps": args.primary_caps}  # capsnet only
     routing = training.mnist_routing(args.model, args.routing, args.iterations, args.detach)
     model = {"arch": args.model, **base["model"], **{k: v for k, v in widths.items() if v is not None}, **routing}
-    if routing["routing"] != training.MODEL_ROUTING[args.model]:  # the recipe's initialization is its routing's
+    if routing.get("routing", "em") != training.MODEL_ROUTING[args.model]:  # the recipe's init is its routing's
         model.pop("init_std", None)
+    spread = {}
+    if args.model == "matrix-capsnet":  # spread loss with its margin schedule, no decoder
+        margin = base["margin"] if args.margin_schedule in (None, base["margin"]["schedule"]) else (
+            {"schedule": "sigmoid"} if args.margin_schedule == "sigmoid" else {"schedule": "linear", "start": 0.2,
+                                                                                "end": 0.9})
+        spread = {"loss": "spread", "margin": margin}
     batch = args.per_rank_batch_size * world if args.per_rank_batch_size is not None else pick(args.batch_size,
                                                                                                 "batch_size")
     if batch < world:
@@ -172,10 +194,12 @@ def resolve(args: argparse.Namespace, dist: training.Distributed | None = None) 
         "per_rank_batch_size": batch / world, "lr": pick(args.lr, "lr"), "schedule": pick(args.schedule, "schedule"),
         "lr_decay": pick(args.lr_decay, "lr_decay"), "decay_steps": pick(args.decay_steps, "decay_steps"),
         "lr_final": pick(args.lr_final, "lr_final"), "recon_weight": pick(args.recon_weight, "recon_weight"),
-        "shift": args.shift, "augment": augmentation, "augmentation": jitter,
+        "weight_decay": args.weight_decay if args.weight_decay is not None else base.get("weight_decay", 0.0),
+        "shift": args.shift if args.shift is not None else base.get("shift", 2), "augment": augmentation,
+        "augmentation": jitter,
         "time_budget": budget if budget else None, "amp": args.amp, "cuda_graphs": args.cuda_graphs,
         "compile": args.compile, "seed": args.seed, "threads": torch.get_num_threads(),
-        "train_subset": args.train_subset, "test_subset": args.test_subset,
+        "train_subset": args.train_subset, "test_subset": args.test_subset, **spread,
     }
 
 
@@ -226,7 +250,14 @@ def train(args, dist: training.Distributed) -> dict:
     optimizer, scaler = training.make_optimizer(model, cfg, device), training.grad_scaler(device, cfg["amp"])
     net = dist.wrap(model)
     net = torch.compile(net) if args.compile else net
-    eager = training.make_train_step(net, optimizer, scaler, cfg["recon_weight"], cfg["amp"], graphs=cfg["cuda_graphs"])
+    spread = cfg.get("loss") == "spread"
+    margin = torch.zeros((), device=device)  # the spread loss's margin, filled in place by the schedule
+    criterion = spread_criterion(margin) if spread else None
+    if spread:
+        eager = make_spread_train_step(net, optimizer, scaler, margin, cfg["amp"], graphs=cfg["cuda_graphs"])
+    else:
+        eager = training.make_train_step(net, optimizer, scaler, cfg["recon_weight"], cfg["amp"],
+                                         graphs=cfg["cuda_graphs"])
     step = eager
     if cfg["cuda_graphs"]:  # one process (checked): every full batch has share 1
         graphed = training.CudaGraphStep(lambda x, y: eager(x, y, 1.0))
@@ -237,7 +268,7 @@ def train(args, dist: training.Distributed) -> dict:
 
     def end_of_epoch(stats: dict) -> dict:
         test_loss, test_acc = training.evaluate(model, data["test_x"], data["test_y"], args.eval_batch_size,
-                                                cfg["recon_weight"], device, cfg["amp"], dist)
+                                                cfg["recon_weight"], device, cfg["amp"], dist, criterion)
         return {"epoch": stats["epoch"], "mode": cfg["mode"], "train_loss": stats["train_loss"],
                 "train_acc": stats["train_acc"], "test_loss": test_loss, "test_acc": test_acc,
                 "test_error": 1.0 - test_acc, "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],
@@ -251,8 +282,13 @@ def train(args, dist: training.Distributed) -> dict:
             + (f" | partial epoch ({stats['images']} images): time budget reached" if stats["time_up"] else ""))
 
     total = batches.steps_per_epoch * cfg["epochs"]
+    def schedule(s: int, elapsed: float) -> float:
+        if spread:
+            margin.fill_(spread_margin_at(cfg, s, elapsed, total))
+        return training.learning_rate(cfg, s, elapsed, total)
+
     loop = training.Loop(model, optimizer, step, batches, epochs=cfg["epochs"], dist=dist, seed=args.seed,
-                         schedule=lambda s, elapsed: training.learning_rate(cfg, s, elapsed, total),
+                         schedule=schedule,
                          time_budget=cfg["time_budget"], stop_at=args.max_steps, evaluate=end_of_epoch,
                          on_record=record, checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every,
                          scaler=scaler, args=cfg, progress=not args.no_progress, log_every=args.log_every)
@@ -269,7 +305,7 @@ def train(args, dist: training.Distributed) -> dict:
     metrics.close()
     history = loop.history
     test_loss, test_acc = (history[-1]["test_loss"], history[-1]["test_acc"]) if history else (math.nan, math.nan)
-    if dist.is_main:
+    if dist.is_main and not spread:  # (matrix capsules have no decoder)
         training.save_reconstructions(model, data["test_x"], out / "reconstructions.png", device)
     elapsed, reason = loop.elapsed(), finished["reason"]
     summary = {"mode": cfg["mode"], "epochs_run": finished["epochs_run"], "last_epoch": finished["last_epoch"],
@@ -283,8 +319,13 @@ def train(args, dist: training.Distributed) -> dict:
         f"{finished['last_epoch']} epochs{why}; test accuracy: {100 * test_acc:.2f}% on the "
         f"{data['test_x'].shape[0]} test images; outputs in {out}/")
     if cfg["mode"] == "cpu-demo":
-        log("This was the CPU demo configuration. The full paper recipe (CapsNet with 8.2M parameters, "
-            "50 epochs) is the default on a CUDA machine, or: python examples/train_mnist.py --full")
+        if spread:
+            log("This was the CPU demo configuration. The full paper recipe (MatrixCapsNet A=B=C=D=32, 318,964 "
+                "parameters, 50 epochs) is the default on a CUDA machine, or: python examples/train_mnist.py "
+                "--model matrix-capsnet --full")
+        else:
+            log("This was the CPU demo configuration. The full paper recipe (CapsNet with 8.2M parameters, "
+                "50 epochs) is the default on a CUDA machine, or: python examples/train_mnist.py --full")
     return summary
 
 

@@ -39,6 +39,7 @@ from .em_reference import (
     lambda_schedule,
     matrix_transform_ref,
 )
+from .em_torch import class_caps_route_torch
 from .registry import LayerParameter, Routed, Routing
 
 __all__ = ["em_routing", "class_caps_route", "ROUTING"]
@@ -283,6 +284,9 @@ def class_caps_route(pose: torch.Tensor, activations: torch.Tensor, W: torch.Ten
     I = GH * GW * A
     a_flat = activations.reshape(B, I)
     if resolve_backend(backend, pose, activations, W, beta_u, beta_a) == "torch":
+        if not return_assignments:  # the fast plain-PyTorch route (em_torch)
+            return class_caps_route_torch(pose, activations, W, beta_u, beta_a, coordinate_addition, iterations, lams,
+                                          eps, min_var, cost_normalization)
         votes = class_caps_votes_ref(pose, W, coordinate_addition)
         return em_routing_ref(votes, a_flat, beta_u, beta_a, iterations, lams, eps, min_var, cost_normalization,
                               return_assignments=return_assignments)

@@ -17,6 +17,7 @@ from .em_reference import (
     cost_scale,
     lambda_schedule,
 )
+from .em_torch import conv_caps_route_torch
 
 __all__ = ["conv_em_routing", "conv_caps_route"]
 
@@ -292,8 +293,11 @@ def conv_caps_route(pose: torch.Tensor, activations: torch.Tensor, W: torch.Tens
     _check_activations(activations, B, H, Wd, A, pose)
     _check_betas(beta_u, beta_a, C, pose)
     if resolve_backend(backend, pose, W, activations) == "torch":
+        if not return_assignments:  # the fast plain-PyTorch route (em_torch)
+            return conv_caps_route_torch(pose, activations, W, beta_u, beta_a, stride, iterations, lams, eps,
+                                         min_var, cost_normalization)
         return conv_caps_route_ref(pose, activations, W, beta_u, beta_a, stride, iterations, lams, eps, min_var,
-                                   cost_normalization, bool(return_assignments))
+                                   cost_normalization, True)
     scale = cost_scale(cost_normalization, C, k * k * A)
     poses, acts, R, *_ = _route_op(pose.reshape(B, H, Wd, A, 16), W.reshape(k, k, A, C, 16), activations, beta_u,
                                    beta_a, stride, lams, scale, float(eps), float(min_var), bool(return_assignments))

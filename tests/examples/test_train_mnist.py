@@ -238,3 +238,60 @@ def test_routing_flag_takes_any_registered_routing(monkeypatch):
 def test_help_shows_every_default_and_what_the_script_writes():
     text = " ".join(assert_every_flag_documented(train.build_parser()).split())
     assert "--routing" in text and "Outputs (in --out-dir): metrics.csv" in text
+
+
+def test_matrix_capsnet_recipes_and_flags():
+    """--model matrix-capsnet: the spec's recipe (spread loss with the linear margin, Adam 3e-3
+    x0.96 per 20k steps, batch 64, weight decay 2e-7, no decoder) on CUDA or with --full, and the
+    CPU demo of the small network; routing flags it cannot take are refused."""
+    from capstriton.training.recipes import MATRIX_CAPSNET_CPU_DEMO, MATRIX_CAPSNET_RECIPE
+
+    full = train.resolve(train.parse_args(["--device", "cpu", "--model", "matrix-capsnet", "--full"]))
+    assert full["model"] == {"arch": "matrix-capsnet", "A": 32, "B": 32, "C": 32, "D": 32, "classes": 10,
+                             "iterations": 3}
+    assert (full["lr"], full["lr_decay"], full["decay_steps"], full["batch_size"], full["weight_decay"],
+            full["schedule"], full["shift"]) == (3e-3, 0.96, 20_000, 64, 2e-7, "exp", 2)
+    assert full["loss"] == "spread" and full["margin"] == {"schedule": "linear", "start": 0.2, "end": 0.9}
+    assert sum(p.numel() for p in train.build_model(full["model"], "torch").parameters()) == 318_964
+    demo = train.resolve(train.parse_args(["--device", "cpu", "--model", "matrix-capsnet"]))
+    assert demo["mode"] == "cpu-demo"
+    assert demo["model"] == {"arch": "matrix-capsnet", **MATRIX_CAPSNET_CPU_DEMO["model"]}
+    budget = MATRIX_CAPSNET_CPU_DEMO["time_budget"]
+    assert (demo["schedule"], demo["time_budget"], demo["shift"]) == ("budget", budget, 0)
+    assert sum(p.numel() for p in train.build_model(demo["model"], "torch").parameters()) == 68_444
+    chosen = train.resolve(train.parse_args(["--device", "cpu", "--model", "matrix-capsnet", "--iterations", "3",
+                                             "--margin-schedule", "sigmoid", "--weight-decay", "0", "--shift", "1"]))
+    assert chosen["model"]["iterations"] == 3 and chosen["margin"] == {"schedule": "sigmoid"}
+    assert (chosen["weight_decay"], chosen["shift"]) == (0.0, 1)
+    assert MATRIX_CAPSNET_RECIPE["recon_weight"] == 0.0
+    # the other models keep their recipes (no spread loss, shifts of 2, no weight decay)
+    capsnet = train.resolve(train.parse_args(["--device", "cpu"]))
+    assert "loss" not in capsnet and capsnet["shift"] == 2 and capsnet["weight_decay"] == 0.0
+    with pytest.raises(SystemExit, match="takes no other routing"):
+        train.resolve(train.parse_args(["--device", "cpu", "--model", "matrix-capsnet", "--routing", "dynamic"]))
+    with pytest.raises(SystemExit, match="takes no detach"):
+        train.resolve(train.parse_args(["--device", "cpu", "--model", "matrix-capsnet", "--detach"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--margin-schedule", "linear"])  # capsnet: no spread loss
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "matrix-capsnet", "--weight-decay", "-1"])
+
+
+def test_matrix_capsnet_trains_through_the_script(mnist_dir, tmp_path, capsys):
+    """A tiny run of --model matrix-capsnet: spread loss, margin schedule, evaluation with the
+    spread loss, no reconstructions.png (no decoder), checkpoint and resume."""
+    out = tmp_path / "matrix"
+    flags = ["--model", "matrix-capsnet", "--epochs", "2", "--batch-size", "16", "--train-subset", "48",
+             "--test-subset", "32", "--backend", "torch", "--device", "cpu", "--threads", "1", "--no-progress",
+             "--schedule", "exp", "--data-dir", str(mnist_dir), "--out-dir", str(out)]
+    summary = train.main(flags)
+    assert summary["epochs_run"] == 2 and summary["steps"] == 6 and 0 <= summary["test_accuracy"] <= 1
+    history = summary["history"]
+    assert all(row["test_loss"] >= 0 and row["train_loss"] >= 0 for row in history)
+    assert not (out / "reconstructions.png").exists()
+    printed = capsys.readouterr().out
+    assert "MatrixCapsNet, 68,444 parameters, iterations=2" in printed
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["args"]["model"]["arch"] == "matrix-capsnet" and state["args"]["loss"] == "spread"
+    resumed = train.main(flags[:3] + ["3"] + flags[4:] + ["--resume"])
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
