@@ -232,6 +232,7 @@ def _check_smoke(out: Path, cases, modes, providers):
     return rows
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path, monkeypatch):
     """fc and a stride-2 conv layer, forward+backward (the interpreter needs seconds per fused conv
     call even at one parent position: the conv layer here is the smallest, 3x3 -> 1x1)."""

@@ -79,6 +79,7 @@ CONV_KERNELS = [("child", em_conv_kernels.em_conv_child_kernel, em_conv_kernels.
                 ("weight_grad", em_conv_kernels.em_conv_weight_grad_kernel, em_conv_kernels.WEIGHT_GRAD_CONFIGS)]
 
 
+@pytest.mark.slow  # the interpreter ignores num_warps: the conv configs differ only in it
 @pytest.mark.parametrize("index", range(1, max(len(cs) for _, _, cs in CONV_KERNELS)))
 def test_every_em_conv_config(index, monkeypatch):
     """The defaults (first configs) run in tests/routing/test_em_conv.py; here the others, every kernel's

@@ -248,13 +248,23 @@ def test_cli_dry_run_lists_the_em_layers():
     for kernel in ("em_pass_kernel", "em_grad_kernel", "em_conv_child_kernel", "em_conv_parent_kernel",
                    "em_conv_weight_grad_kernel"):
         assert f"  {kernel}: " in out
+
+
+@pytest.mark.slow
+def test_cli_dry_run_selects_em_layers():
+    def plan(*extra):
+        proc = subprocess.run([sys.executable, "-m", "capstriton.tune", "--dry-run", "--batch-sizes", "8", *extra],
+                              env=_cli_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
     out = plan("--em-layers", "convcaps2")
     assert "convcaps2: conv_caps_route" in out and "class-mnist" not in out
     assert "EM layers" not in plan("--routings", "dynamic")
     assert "EM layers" not in plan("--em-layers")
 
 
-@pytest.mark.parametrize("layer", [("class", 2, 2, 2, 3, None, None), ("conv", 4, 4, 2, 2, 3, 1)],
+@pytest.mark.parametrize("layer", [("class", 2, 2, 2, 3, None, None),
+                                   pytest.param(("conv", 4, 4, 2, 2, 3, 1), marks=pytest.mark.slow)],
                          ids=["class", "conv"])
 def test_em_layer_runs_forward_and_backward(layer, monkeypatch):
     """The tuner's EM layer step through the public functions (a tiny layer, on the CPU in the interpreter)."""
