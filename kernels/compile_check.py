@@ -441,6 +441,11 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_half_precision(case: dict) -> bool:
+    """Whether a case reads or writes fp16 / bf16 tensors (a pointer of that type in its signature)."""
+    return any(str(t) in ("*fp16", "*bf16") for t in case["signature"].values())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m capstriton.kernels.compile_check", description=__doc__,
@@ -455,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the table, print the default config of every case name")
     parser.add_argument("--defaults-only", action="store_true",
                         help="compile only the cases marked default (the config a launcher uses before any tuning)")
+    parser.add_argument("--fp32-only", action="store_true",
+                        help="skip the cases reading or writing fp16 / bf16 tensors (make test's quick check; the "
+                             "full sweep compiles every dtype)")
     parser.add_argument("--no-sass", action="store_true",
                         help="skip the SASS instruction mix (cuobjdump), the slowest step of a fresh compile")
     args = parser.parse_args(argv)
@@ -466,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     cases, import_errors = collect_cases()
     for mod, err in import_errors.items():
         print(f"error: cannot import {mod}: {err}", file=sys.stderr)
-    cases = [c for c in cases if args.only in c[2]["name"] and (c[2].get("default") or not args.defaults_only)]
+    cases = [c for c in cases if args.only in c[2]["name"] and (c[2].get("default") or not args.defaults_only)
+             and not (args.fp32_only and is_half_precision(c[2]))]
     if not cases:
         print("error: no COMPILE_CASES found in the kernel modules", file=sys.stderr)
         return 2
