@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..data import as_model_input
-from ..models import CapsNet, ConvBaseline, EfficientCapsNet
+from ..models import CapsNet, ConvBaseline, EfficientCapsNet, MatrixCapsNet
 
 __all__ = ["strip_wrappers", "capsnet_config", "capsnet_from_checkpoint", "model_from_checkpoint", "experiment_of",
            "predict", "class_scores", "classification_scores", "confusion_matrix"]
@@ -113,7 +113,7 @@ def _cnn_config(sd: dict, args: dict) -> dict:
 
 
 def model_from_checkpoint(state: dict, backend: str = "auto") -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's model (CapsNet, EfficientCapsNet or ConvBaseline, by its recorded
+    """The checkpoint's model (CapsNet, EfficientCapsNet, MatrixCapsNet or ConvBaseline, by its recorded
     configuration) holding its weights, on the CPU in eval mode, and its config (``arch``,
     ``in_channels``, ``image_size``, ``decoder`` and the constructor's sizes).  ValueError, in one
     line, for weights that fit none of them."""
@@ -133,9 +133,13 @@ def model_from_checkpoint(state: dict, backend: str = "auto") -> tuple[torch.nn.
     elif arch == "capsnet":
         cfg = {"arch": arch, **capsnet_config(sd, args)}
         build = lambda: CapsNet(**_capsnet_kwargs(cfg), backend=backend)  # noqa: E731
+    elif arch == "matrix-capsnet":
+        recorded = {k: v for k, v in args["model"].items() if k != "arch"}
+        cfg = {"arch": arch, "in_channels": 1, "image_size": 28, "decoder": False, **recorded}
+        build = lambda: MatrixCapsNet(**recorded, backend=backend)  # noqa: E731
     else:
         raise ValueError(f"unknown model architecture {arch!r} (this evaluation knows capsnet, efficient-capsnet, "
-                         "cnn)")
+                         "matrix-capsnet, cnn)")
     if arch != "cnn":
         try:
             model = build()
@@ -152,7 +156,8 @@ def model_from_checkpoint(state: dict, backend: str = "auto") -> tuple[torch.nn.
 
 @torch.no_grad()
 def class_scores(model, images_u8: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """(N, K) class scores on the CPU: capsule lengths of a capsule model, logits of the CNN."""
+    """(N, K) class scores on the CPU: capsule lengths of a capsule model, class activations of a
+    matrix capsule model, logits of the CNN."""
     scores = []
     for start in range(0, images_u8.shape[0], batch_size):
         out = model(as_model_input(images_u8[start:start + batch_size].to(device)))

@@ -12,7 +12,7 @@ from capstriton.experiments.evaluation import (
     experiment_of,
     model_from_checkpoint,
 )
-from capstriton.models import CapsNet, ConvBaseline, EfficientCapsNet, conv_baseline_matching
+from capstriton.models import CapsNet, ConvBaseline, EfficientCapsNet, MatrixCapsNet, conv_baseline_matching
 from tests.experiments.tiny import tiny_capsnet
 
 
@@ -54,6 +54,13 @@ def test_every_training_scripts_model_is_rebuilt():
     capsnet = tiny_capsnet(36)
     rebuilt, cfg = model_from_checkpoint({"model": capsnet.state_dict(), "epoch": 0, "args": {}})
     assert cfg["arch"] == "capsnet" and cfg["image_size"] == 36
+    recorded = {"arch": "matrix-capsnet", "A": 4, "B": 2, "C": 2, "D": 2, "classes": 10, "iterations": 2}
+    matrix = MatrixCapsNet(**{k: v for k, v in recorded.items() if k != "arch"}, backend="torch")
+    rebuilt, cfg = model_from_checkpoint({"model": matrix.state_dict(), "epoch": 0, "args": {"model": recorded}},
+                                         backend="torch")
+    assert isinstance(rebuilt, MatrixCapsNet) and cfg["arch"] == "matrix-capsnet" and not cfg["decoder"]
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(matrix.eval()(x), rebuilt(x))
 
 
 def test_checkpoints_that_cannot_be_scored_give_one_line():
