@@ -11,6 +11,7 @@ import torch
 
 from capstriton import kernels as K
 from capstriton.kernels import _common
+from capstriton.kernels.routing import em, em_conv
 
 MARGIN = 67  # elements on each side (odd: not a multiple of any block)
 SENTINEL = -12345.0
@@ -69,7 +70,13 @@ def _routing_inputs(B, I, J, D, DIN):
     W = 0.5 * torch.randn(I, J, D, DIN)
     return dict(u_hat=torch.einsum("ijdk,bik->bijd", W, u), u=u, W=W, W_k=_W_k(W), grad_v=torch.randn(B, J, D),
                 weight=1 + 0.1 * torch.randn(D), bias=0.1 * torch.randn(D), sa_bias=0.05 * torch.randn(I, J),
-                state=torch.randn(B, J, D), grad_uhat=torch.randn(B, I, J, D), dy=torch.randn(B, I, J, D))
+                state=torch.randn(B, J, D), grad_uhat=torch.randn(B, I, J, D), dy=torch.randn(B, I, J, D),
+                # EM routing: matrix poses (B, I, 16) with W (I, J, 16); a 5x5 grid of 2 types, K=3, stride 2
+                em_pose=torch.randn(B, I, 16), em_W=0.5 * torch.randn(I, J, 16), em_act=torch.rand(B, I),
+                em_beta=torch.randn(J), em_grad_poses=torch.randn(B, J, 16), em_grad_acts=torch.randn(B, J),
+                conv_pose=torch.randn(B, 5, 5, 2, 16), conv_W=0.5 * torch.randn(3, 3, 2, J, 16),
+                conv_act=torch.rand(B, 5, 5, 2), conv_grad_poses=torch.randn(B, 2, 2, J, 16),
+                conv_grad_acts=torch.randn(B, 2, 2, J))
 
 
 def _squash_case(g):
@@ -124,7 +131,30 @@ def _couplings(fused):
     return run
 
 
+EM_OPTIONS = ([0.5, 1.0, 1.5], 1.0, 1e-8, 5e-4)  # inverse temperatures, cost scale, eps, min_var
+
+
+def _em(g):
+    pose, W, act, beta = g("em_pose"), g("em_W"), g("em_act"), g("em_beta")
+    poses, acts, *stats = em.em_forward(pose, W, act, beta, beta, *EM_OPTIONS, matrix=True)
+    grads = em.em_backward(pose, W, act, beta, *EM_OPTIONS, *stats, g("em_grad_poses"), g("em_grad_acts"),
+                                     matrix=True)
+    mu_all, var_all, logit_all = stats[:3]
+    R = em.em_assignments(pose, W, mu_all[-2], var_all[-2], logit_all[-2], matrix=True)  # from iteration 2
+    return poses, acts, *stats, *grads, R
+
+
+def _em_conv(g):
+    pose, W, act, beta = g("conv_pose"), g("conv_W"), g("conv_act"), g("em_beta")
+    out = em_conv.conv_em_fwd(pose, W, act, beta, beta, 2, *EM_OPTIONS, True)
+    grads = em_conv.conv_em_bwd(pose, W, act, beta, 2, *EM_OPTIONS, *out[3:], g("conv_grad_poses"),
+                                g("conv_grad_acts"))
+    return *out[:-1], out[-1][1:], *grads  # the normaliser of iteration 0 (uniform R) is never formed
+
+
 CASES = {
+    "em": _em,
+    "em_conv": _em_conv,
     "squash": _squash_case,
     "caps_transform": _caps_transform,
     **{f"{name}-detach={detach}": _dynamic(fused, detach) for fused, name in ((False, "dynamic"), (True, "transform"))
@@ -135,10 +165,13 @@ CASES = {
 }
 
 
+SLOW = {"em_conv"}  # minutes under the interpreter: make test-slow
+
+
 @pytest.mark.parametrize("plan", list(PLANS))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_launchers_stay_inside_their_buffers(case, plan, monkeypatch):
-    if plan == "chunks" and case in ("squash", "caps_transform"):
+    if plan == "chunks" and case in ("squash", "caps_transform", "em_conv"):
         pytest.skip("no routing plan")
     monkeypatch.setenv("CAPSTRITON_SM_COUNT", "8")
     data = {k: v.contiguous() for k, v in _routing_inputs(*PLANS[plan]).items()}  # launchers take contiguous
