@@ -64,3 +64,31 @@ def check_unit_interval(name: str, t: torch.Tensor) -> None:
         return
     inside = ((values >= 0) & (values <= 1)).all()
     torch._assert_async(inside, f"{name} must lie in [0, 1]")
+
+
+def check_pose(name: str, pose, ndim: int, hint: str) -> None:
+    """A floating tensor of ``ndim`` dimensions ending in 4x4 matrices (matrix capsules' poses)."""
+    check_tensor(name, pose, ndim, hint)
+    if tuple(pose.shape[-2:]) != (4, 4):
+        raise ValueError(f"{name} must hold 4x4 matrices, the 4x4 pose of each capsule{hint}, got shape "
+                         f"{tuple(pose.shape)} (last two dimensions {tuple(pose.shape[-2:])}, expected (4, 4))")
+
+
+def check_matrix_transform(pose, W) -> None:
+    """pose (B, I, 4, 4) and W (I, J, 4, 4) on one device, in one dtype."""
+    check_pose("pose", pose, 4, " (B, I, 4, 4)")
+    check_pose("W", W, 4, " (I, J, 4, 4)")
+    check_same_device_dtype(pose=pose, W=W)
+    if pose.shape[1] != W.shape[0]:
+        raise ValueError(f"pose (B, I, 4, 4) and W (I, J, 4, 4) disagree on I: got pose {tuple(pose.shape)} "
+                         f"and W {tuple(W.shape)}")
+
+
+def check_class_caps(pose, W) -> None:
+    """pose (B, H, W, A, 4, 4) and W (A, J, 4, 4) on one device, in one dtype."""
+    check_pose("pose", pose, 6, " (B, H, W, A, 4, 4)")
+    check_pose("W", W, 4, " (A, J, 4, 4)")
+    check_same_device_dtype(pose=pose, W=W)
+    if pose.shape[3] != W.shape[0]:
+        raise ValueError(f"pose (B, H, W, A, 4, 4) and W (A, J, 4, 4) disagree on A, the child types A: got pose "
+                         f"{tuple(pose.shape)} (A={pose.shape[3]}) and W {tuple(W.shape)} (A={W.shape[0]})")

@@ -20,17 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_same_device_dtype, check_tensor
+from ._validation import check_class_caps, check_matrix_transform, check_pose, check_same_device_dtype
 from .routing.em_reference import class_caps_votes_ref, conv_caps_votes_ref, matrix_transform_ref
 
 __all__ = ["matrix_transform", "conv_caps_votes", "class_caps_votes"]
-
-
-def _check_pose(name: str, pose, ndim: int, hint: str) -> None:
-    check_tensor(name, pose, ndim, hint)
-    if tuple(pose.shape[-2:]) != (4, 4):
-        raise ValueError(f"{name} must hold 4x4 pose matrices{hint}, got shape {tuple(pose.shape)} "
-                         f"(last two dimensions {tuple(pose.shape[-2:])}, expected (4, 4))")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -40,20 +33,10 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_matrix_transform(pose, W) -> None:
-    """The checks of ``matrix_transform``."""
-    _check_pose("pose", pose, 4, " (B, I, 4, 4)")
-    _check_pose("W", W, 4, " (I, J, 4, 4)")
-    check_same_device_dtype(pose=pose, W=W)
-    if pose.shape[1] != W.shape[0]:
-        raise ValueError(f"pose (B, I, 4, 4) and W (I, J, 4, 4) disagree on I: got pose {tuple(pose.shape)} "
-                         f"and W {tuple(W.shape)}")
-
-
 def check_conv_caps(pose, W, stride) -> None:
     """The checks of ``conv_caps_votes`` (and of the convolutional capsule layers)."""
-    _check_pose("pose", pose, 6, " (B, H, W, A, 4, 4)")
-    _check_pose("W", W, 6, " (K, K, A, C, 4, 4)")
+    check_pose("pose", pose, 6, " (B, H, W, A, 4, 4)")
+    check_pose("W", W, 6, " (K, K, A, C, 4, 4)")
     check_same_device_dtype(pose=pose, W=W)
     _check_int("stride", stride)
     K = W.shape[0]
@@ -66,16 +49,6 @@ def check_conv_caps(pose, W, stride) -> None:
     if K > H or K > Wd:
         raise ValueError(f"the kernel ({K} x {K}) is larger than the capsule grid ({H} x {Wd}): VALID windows need "
                          f"K <= H and K <= W")
-
-
-def check_class_caps(pose, W) -> None:
-    """The checks of ``class_caps_votes`` (and of the class capsule layer)."""
-    _check_pose("pose", pose, 6, " (B, H, W, A, 4, 4)")
-    _check_pose("W", W, 4, " (A, J, 4, 4)")
-    check_same_device_dtype(pose=pose, W=W)
-    if pose.shape[3] != W.shape[0]:
-        raise ValueError(f"pose (B, H, W, A, 4, 4) and W (A, J, 4, 4) disagree on the child types A: got pose "
-                         f"{tuple(pose.shape)} (A={pose.shape[3]}) and W {tuple(W.shape)} (A={W.shape[0]})")
 
 
 def _check_flag(name: str, value) -> None:

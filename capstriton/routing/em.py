@@ -22,7 +22,9 @@ import torch
 
 from .._backend import resolve_backend
 from .._validation import (
+    check_class_caps,
     check_iterations,
+    check_matrix_transform,
     check_same_device_dtype,
     check_tensor,
     check_transform_shapes,
@@ -211,13 +213,6 @@ def _check_betas(beta_u, beta_a, J: int, like: torch.Tensor) -> None:
         check_same_device_dtype(input=like, **{name: t})
 
 
-def _check_pose(name: str, pose, ndim: int, hint: str) -> None:
-    check_tensor(name, pose, ndim, hint)
-    if tuple(pose.shape[-2:]) != (4, 4):
-        raise ValueError(f"{name} must hold 4x4 matrices{hint}, got shape {tuple(pose.shape)} (last two "
-                         f"dimensions {tuple(pose.shape[-2:])}, expected (4, 4))")
-
-
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
@@ -268,13 +263,8 @@ def class_caps_route(pose: torch.Tensor, activations: torch.Tensor, W: torch.Ten
     (w + 1/2)/W to element 7.  "ibm" normalisation uses N_c = H*W*A children per parent.  On the
     triton backend the votes are recomputed in every pass, never materialized; gradients reach
     pose, activations, W, beta_u and beta_a."""
-    _check_pose("pose", pose, 6, " (B, H, W, A, 4, 4)")
+    check_class_caps(pose, W)
     B, GH, GW, A = pose.shape[:4]
-    _check_pose("W", W, 4, " (A, J, 4, 4)")
-    check_same_device_dtype(pose=pose, W=W)
-    if W.shape[0] != A:
-        raise ValueError(f"pose (B, H, W, A, 4, 4) and W (A, J, 4, 4) disagree on A: got pose {tuple(pose.shape)} "
-                         f"and W {tuple(W.shape)}")
     J = W.shape[1]
     _check_activations(activations, (B, GH, GW, A), " (B, H, W, A)", pose)
     _check_betas(beta_u, beta_a, J, pose)
@@ -305,12 +295,7 @@ def _is_matrix(u, W) -> bool:
 def _check_route_inputs(u, W):
     """(B, I, J, matrix) for pose (B, I, 4, 4) with W (I, J, 4, 4), or u (B, I, Din) with W (I, J, Dout, Din)."""
     if _is_matrix(u, W):
-        _check_pose("pose", u, 4, " (B, I, 4, 4)")
-        _check_pose("W", W, 4, " (I, J, 4, 4)")
-        check_same_device_dtype(pose=u, W=W)
-        if u.shape[1] != W.shape[0]:
-            raise ValueError(f"pose (B, I, 4, 4) and W (I, J, 4, 4) disagree on I: got pose {tuple(u.shape)} and "
-                             f"W {tuple(W.shape)}")
+        check_matrix_transform(u, W)
         return u.shape[0], u.shape[1], W.shape[1], True
     check_transform_shapes(u, W)
     return u.shape[0], u.shape[1], W.shape[1], False
